@@ -1,0 +1,295 @@
+"""Typed configuration for every re2g stage and artifact.
+
+A config is YAML in, validated by pydantic, and saved beside every artifact it made
+(``config.yaml``). Two presets ship with the package:
+
+* ``tiny``  -- models of a few hundred thousand parameters built from config, tokenizers trained
+  on the corpus; for tests and the demo on CPU.
+* ``paper`` -- the checkpoints of the Re2G paper, loaded by hub name (needs a network) or from
+  local ``save_pretrained`` directories.
+
+``load_config(path, preset=..., overrides=[...])`` merges preset, file and ``a.b=value`` overrides
+in that order; a bad value raises :class:`re2g.errors.ConfigError` naming the file, the field,
+the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from re2g.errors import ConfigError
+
+CONFIG_FILENAME = "config.yaml"
+PRESETS = ("tiny", "paper")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SampleConfig(_Strict):
+    """The synthetic knowledge-intensive sample task (see ``re2g.data.sample``)."""
+
+    size: Literal["tiny", "demo", "bench"] = Field(
+        "demo", description="tiny: a few hundred passages (unit tests); demo: a few thousand; "
+        "bench: at least 1M passages (index benchmarks, no tasks beyond a small dev set)")
+    seed: int = Field(13, description="random seed; the same seed gives byte-identical files")
+    n_entities: int | None = Field(
+        None, ge=10, description="number of entities (pages); default from `size`")
+    train_fraction: float = Field(0.7, gt=0, lt=1, description="share of entities whose queries go to train")
+    dev_fraction: float = Field(0.15, gt=0, lt=1, description="share of entities whose queries go to dev")
+
+
+class PassageConfig(_Strict):
+    """Splitting a KILT knowledge source into passages (ids ``wikiid::[start,end]``)."""
+
+    min_words: int = Field(50, ge=1, description="a passage is grown paragraph by paragraph to at least this many words")
+    max_words: int = Field(100, ge=1, description="passages never exceed this many words; long paragraphs are cut")
+    include_title_paragraph: bool = Field(
+        False, description="KILT pages repeat the title as paragraph 0; keep it as passage text")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PassageConfig":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the knowledge source and tasks come from."""
+
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    knowledge_source: str | None = Field(
+        None, description="KILT knowledge source jsonl (path or URI); None: use the sample task")
+    train_file: str | None = Field(None, description="KILT task jsonl for training")
+    dev_file: str | None = Field(None, description="KILT task jsonl for dev evaluation")
+    test_file: str | None = Field(None, description="KILT task jsonl for test evaluation")
+    skip_bad_rows: bool = Field(False, description="skip malformed rows (counted and reported) instead of stopping")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class TinyModelConfig(_Strict):
+    """Sizes for models built from config (the ``tiny`` preset)."""
+
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    vocab_size: int = Field(4000, ge=100, description="vocabulary of the locally trained tokenizers")
+    max_position_embeddings: int = Field(512, ge=64)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ModelsConfig(_Strict):
+    """The four models of Re2G. Each is a hub name or a local ``save_pretrained`` directory;
+    ``None`` means: build a tiny model from ``tiny`` with the locally trained tokenizers."""
+
+    query_encoder: str | None = Field(None, description="DPR question encoder (name or path)")
+    ctx_encoder: str | None = Field(None, description="DPR context encoder (name or path)")
+    reranker: str | None = Field(None, description="BERT cross-encoder (name or path)")
+    generator: str | None = Field(None, description="BART seq2seq generator (name or path)")
+    shared_encoder: bool = Field(False, description="one encoder for queries and passages instead of two")
+    query_max_length: int = Field(64, ge=8, le=4096)
+    passage_max_length: int = Field(128, ge=8, le=4096)
+    reranker_max_length: int = Field(128, ge=8, le=4096, description="query+passage pair length (256 allowed)")
+    generator_source_max_length: int = Field(256, ge=8, le=4096, description="passage [SEP] query length")
+    generator_target_max_length: int = Field(32, ge=1, le=4096)
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+# --------------------------------------------------------------------------- index / retrieval
+
+
+class IndexConfig(_Strict):
+    """Dense HNSW index over passage embeddings, in shards."""
+
+    num_shards: int = Field(2, ge=1, description="HNSW shards, each built by its own Ray task")
+    hnsw_m: int = Field(128, ge=2, description="HNSW graph degree M (smaller is fine for small corpora)")
+    ef_construction: int = Field(200, ge=1)
+    ef_search: int = Field(128, ge=1)
+    metric: Literal["mips_l2", "ip"] = Field(
+        "mips_l2", description="mips_l2: DPR's MIPS->L2 transform (one extra dimension); ip: inner-product HNSW")
+    quantization: Literal["none", "sq8"] = Field("none", description="sq8: 8-bit scalar quantization (large corpora)")
+    exact: bool = Field(False, description="flat (exact) shards instead of HNSW; for tests and small corpora")
+    shard_actors: bool = Field(False, description="hold each shard in its own Ray actor (scatter-gather search)")
+    embed_batch_size: int = Field(64, ge=1)
+    embed_actors: int = Field(1, ge=1, description="encoder actors in the Ray Data embedding pool")
+
+
+class BM25Config(_Strict):
+    """Lucene BM25 through pyserini."""
+
+    k1: float = Field(0.9, gt=0)
+    b: float = Field(0.4, ge=0, le=1)
+    threads: int = Field(2, ge=1)
+
+
+class RetrievalConfig(_Strict):
+    """How DPR and BM25 results are combined, and how many go on to the reranker and generator."""
+
+    dpr_top_k: int = Field(12, ge=0, le=1000)
+    bm25_top_k: int = Field(12, ge=0, le=1000)
+    fusion: Literal["concat", "rrf", "linear"] = Field(
+        "concat", description="concat: Re2G's DPR then BM25, deduplicated; rrf: reciprocal rank fusion; "
+        "linear: weighted sum of min-max normalized scores")
+    rrf_k: int = Field(60, ge=1)
+    linear_dpr_weight: float = Field(0.5, ge=0, le=1)
+    rerank_top_k: int = Field(5, ge=1, le=100, description="passages the reranker keeps for the generator")
+
+
+class RayConfig(_Strict):
+    """How to reach Ray. ``address=None`` starts a local Ray in-process."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+
+
+class Re2GConfig(_Strict):
+    """Everything a run needs. Saved as ``config.yaml`` in every artifact directory."""
+
+    preset: Literal["tiny", "paper", "custom"] = "tiny"
+    run_dir: str = Field("runs/quickstart", description="where the run's artifacts go (path or URI)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    data: DataConfig = Field(default_factory=DataConfig)
+    passages: PassageConfig = Field(default_factory=PassageConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    bm25: BM25Config = Field(default_factory=BM25Config)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _describe(loc: tuple, msg: str, value: Any) -> str:
+    field = ".".join(str(p) for p in loc) or "<root>"
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"field '{field}': got {shown}: {msg}"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field 'a.b': got VALUE: expected ...``."""
+    lines = []
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `re2g config --help`)"
+        lines.append(f"{source}: " + _describe(e["loc"], msg, e.get("input")))
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. index.num_shards=4")
+    key, raw = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {override!r}: empty key")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def preset_dict(name: str) -> dict:
+    """The YAML of a bundled preset as a dict."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: got {name!r}: expected one of {', '.join(PRESETS)}")
+    text = resources.files("re2g").joinpath("presets", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, *, preset: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Re2GConfig:
+    """Preset (default: the file's ``preset:`` key, else ``tiny``), then the file, then overrides."""
+    file_tree = _read_yaml(path) if path is not None else {}
+    name = preset or file_tree.get("preset") or "tiny"
+    tree = preset_dict(name) if name in PRESETS else {}
+    tree = _deep_merge(tree, file_tree)
+    if preset:
+        tree["preset"] = preset
+    for o in overrides:
+        _apply_override(tree, o)
+    source = str(path) if path is not None else f"preset {name}"
+    if overrides:
+        source += " + overrides"
+    try:
+        return Re2GConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: BaseModel, directory: str | Path) -> Path:
+    """Write ``config.yaml`` into ``directory`` (created if needed) and return its path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / CONFIG_FILENAME
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    tmp.replace(out)
+    return out
+
+
+def load_saved_config(directory: str | Path, model: type[BaseModel] = Re2GConfig) -> BaseModel:
+    """Load the ``config.yaml`` an artifact directory was saved with."""
+    path = Path(directory) / CONFIG_FILENAME
+    tree = _read_yaml(path)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None

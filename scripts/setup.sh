@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Create .venv and install re2g with everything its tests and demo need.
+# Idempotent: a stamp records what was installed; a second run with nothing changed takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.12 python3; do
+    if command -v "$c" >/dev/null 2>&1; then PY=$c; break; fi
+  done
+fi
+VENV=.venv
+STAMP=$VENV/.re2g-setup-stamp
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then CUDA=1; else CUDA=0; fi
+EXTRAS="dev,train,bm25"
+if [ "$CUDA" = 1 ]; then EXTRAS="$EXTRAS,gpu"; else EXTRAS="$EXTRAS,cpu"; fi
+
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-cuda$CUDA
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+
+echo "== re2g setup: $VENV with extras [$EXTRAS] (CUDA: $CUDA)"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install -U pip setuptools wheel
+
+# 1. torch first, pinned: without the pin a CPU machine pulls several GB of CUDA packages.
+#    Set TORCH_INDEX_URL to the PyTorch CPU wheel index on machines where plain pip picks CUDA builds.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  $PIP install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+else
+  $PIP install "torch==2.13.0"
+fi
+# 2. DeepSpeed builds from source: without build isolation, so it builds against the torch above.
+$PIP install --no-build-isolation "deepspeed==0.19.8"
+# 3. The project (editable) with its extras.
+$PIP install -e ".[$EXTRAS]"
+
+# 4. A real browser for the web page's tests (Debian's chromium; a test tool's own download fails offline).
+if ! command -v chromium >/dev/null 2>&1 && [ "${RE2G_SKIP_BROWSER:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium (apt-get)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "!! chromium could not be installed: the browser test will be skipped"
+  else
+    echo "!! chromium not found and not root: the browser test will be skipped (install chromium to run it)"
+  fi
+fi
+
+echo "$want" > "$STAMP"
+echo "== re2g setup done"
