@@ -228,7 +228,7 @@ def _apply_override(tree: dict, override: str) -> None:
 def preset_dict(name: str) -> dict:
     """The YAML of a bundled preset as a dict."""
     if name not in PRESETS:
-        raise ConfigError(f"preset: got {name!r}: expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"preset: got {name!r}: expected one of {', '.join(PRESETS)} (or custom)")
     text = resources.files("re2g").joinpath("presets", f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
@@ -255,7 +255,7 @@ def load_config(path: str | Path | None = None, *, preset: str | None = None,
     """Preset (default: the file's ``preset:`` key, else ``tiny``), then the file, then overrides."""
     file_tree = _read_yaml(path) if path is not None else {}
     name = preset or file_tree.get("preset") or "tiny"
-    tree = preset_dict(name) if name in PRESETS else {}
+    tree = {} if name == "custom" else preset_dict(name)
     tree = _deep_merge(tree, file_tree)
     if preset:
         tree["preset"] = preset

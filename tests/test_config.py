@@ -1,0 +1,86 @@
+"""Config loading: presets, files, overrides, and errors that name the field, value and expectation."""
+
+from __future__ import annotations
+
+import pytest
+
+from re2g.config import (
+    Re2GConfig,
+    config_to_yaml,
+    load_config,
+    load_saved_config,
+    save_config,
+)
+from re2g.errors import ConfigError
+
+
+def test_presets_load_and_differ():
+    tiny = load_config(preset="tiny")
+    paper = load_config(preset="paper")
+    assert tiny.models.query_encoder is None  # built from config
+    assert paper.models.query_encoder == "facebook/dpr-question_encoder-multiset-base"
+    assert paper.models.ctx_encoder == "facebook/dpr-ctx_encoder-multiset-base"
+    assert paper.models.reranker == "nboost/pt-bert-base-uncased-msmarco"
+    assert paper.models.generator == "facebook/bart-large"
+    # Re2G defaults: DPR top-12 + BM25 top-12, reranker keeps 5; HNSW efConstruction 200, efSearch 128
+    for c in (tiny, paper):
+        assert (c.retrieval.dpr_top_k, c.retrieval.bm25_top_k, c.retrieval.rerank_top_k) == (12, 12, 5)
+        assert (c.index.ef_construction, c.index.ef_search) == (200, 128)
+    assert paper.index.hnsw_m == 128
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: paper\nindex:\n  num_shards: 3\nretrieval:\n  fusion: rrf\n")
+    c = load_config(f, overrides=["index.num_shards=5", "models.generator=/models/bart"])
+    assert c.preset == "paper"
+    assert c.index.num_shards == 5
+    assert c.retrieval.fusion == "rrf"
+    assert c.models.generator == "/models/bart"
+    assert c.models.query_encoder == "facebook/dpr-question_encoder-multiset-base"  # from the preset
+
+
+def test_error_names_file_field_value_and_expectation(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("index:\n  hnsw_m: -4\nretrieval:\n  fusion: magic\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert str(f) in msg
+    assert "index.hnsw_m" in msg and "-4" in msg and "greater than or equal to 2" in msg
+    assert "retrieval.fusion" in msg and "'magic'" in msg and "concat" in msg
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(ConfigError, match=r"index\.num_shard'.*unknown field"):
+        load_config(overrides=["index.num_shard=2"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="min_words"):
+        load_config(overrides=["passages.min_words=200", "passages.max_words=100"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(overrides=["models.tiny.hidden_size=30", "models.tiny.num_heads=4"])
+
+
+def test_bad_yaml_and_bad_override(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("index:\n  num_shards: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(overrides=["index.num_shards"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="expected one of tiny, paper"):
+        load_config(preset="huge")
+
+
+def test_saved_config_round_trip(tmp_path):
+    c = load_config(preset="paper", overrides=["index.num_shards=4"])
+    path = save_config(c, tmp_path / "artifact")
+    assert path.name == "config.yaml"
+    back = load_saved_config(tmp_path / "artifact")
+    assert isinstance(back, Re2GConfig)
+    assert back == c
+    assert config_to_yaml(back) == path.read_text()
