@@ -1,0 +1,147 @@
+"""Building and loading the models from a :class:`re2g.config.ModelsConfig`.
+
+A name or path in the config goes to the model's ``from_pretrained``; ``None`` builds a tiny model
+from ``ModelsConfig.tiny`` (DPRConfig / BertConfig / BartConfig) around a locally trained tokenizer:
+WordPiece for the bi-encoder and reranker, byte-level BPE for the generator. The vocabulary size and
+the special token ids come from the tokenizer. Initialization draws from torch's global RNG, so
+``torch.manual_seed(s)`` before a build gives the same weights every time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from re2g.config import ModelsConfig, TinyModelConfig
+from re2g.errors import ConfigError
+from re2g.models.encoders import (DEFAULT_PASSAGE_MAX_LENGTH, DEFAULT_QUERY_MAX_LENGTH, BiEncoder,
+                                  load_tokenizer, looks_local)
+from re2g.models.fingerprint import read_model_meta
+from re2g.models.generator import DEFAULT_SOURCE_MAX_LENGTH, DEFAULT_TARGET_MAX_LENGTH, Generator
+from re2g.models.reranker import DEFAULT_RERANKER_MAX_LENGTH, CrossEncoder
+
+
+def _bert_sizes(tok, tiny: TinyModelConfig) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_layers,
+                num_attention_heads=tiny.num_heads, intermediate_size=tiny.intermediate_size,
+                max_position_embeddings=tiny.max_position_embeddings, type_vocab_size=2,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+# --------------------------------------------------------------------------- tiny models from config
+
+
+def build_tiny_biencoder(tokenizer_dir: Any, tiny_cfg: TinyModelConfig, shared: bool = False, *,
+                         query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
+                         passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH) -> BiEncoder:
+    """A DPR bi-encoder of ``tiny_cfg`` sizes over the WordPiece tokenizer at ``tokenizer_dir``
+    (a path, or a tokenizer object). ``shared``: one encoder for queries and passages."""
+    from transformers import DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    tok = load_tokenizer(tokenizer_dir, "WordPiece tokenizer")
+    config = DPRConfig(projection_dim=0, **_bert_sizes(tok, tiny_cfg))
+    query = DPRQuestionEncoder(config)
+    ctx = None if shared else DPRContextEncoder(config)
+    return BiEncoder(query, ctx, tok, query_max_length=query_max_length, passage_max_length=passage_max_length)
+
+
+def build_tiny_reranker(tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
+                        max_length: int = DEFAULT_RERANKER_MAX_LENGTH) -> CrossEncoder:
+    """A 1-label ``BertForSequenceClassification`` of ``tiny_cfg`` sizes over the WordPiece tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = load_tokenizer(tokenizer_dir, "WordPiece tokenizer")
+    model = BertForSequenceClassification(BertConfig(num_labels=1, **_bert_sizes(tok, tiny_cfg)))
+    return CrossEncoder(model, tok, max_length=max_length)
+
+
+def build_tiny_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
+                         source_max_length: int = DEFAULT_SOURCE_MAX_LENGTH,
+                         target_max_length: int = DEFAULT_TARGET_MAX_LENGTH, **source_format) -> Generator:
+    """A ``BartForConditionalGeneration`` of ``tiny_cfg`` sizes (layers each side) over the byte-level
+    BPE tokenizer; pad/bos/eos from the tokenizer, decoder start = eos as in BART.
+    ``source_format``: ``title_sep`` / ``query_sep`` for :class:`Generator`."""
+    from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    tok = load_tokenizer(bpe_tokenizer_dir, "BPE tokenizer")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(tok, name) is None:
+            raise ConfigError(f"the generator's tokenizer has no {name[:-9]} token (expected BART's <s> <pad> </s>)")
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               decoder_start_token_id=tok.eos_token_id)
+    config = BartConfig(vocab_size=len(tok), d_model=tiny_cfg.hidden_size,
+                        encoder_layers=tiny_cfg.num_layers, decoder_layers=tiny_cfg.num_layers,
+                        encoder_attention_heads=tiny_cfg.num_heads, decoder_attention_heads=tiny_cfg.num_heads,
+                        encoder_ffn_dim=tiny_cfg.intermediate_size, decoder_ffn_dim=tiny_cfg.intermediate_size,
+                        max_position_embeddings=tiny_cfg.max_position_embeddings, **ids)
+    model = BartForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(forced_eos_token_id=tok.eos_token_id, **ids)
+    return Generator(model, tok, source_max_length=source_max_length, target_max_length=target_max_length,
+                     **source_format)
+
+
+# --------------------------------------------------------------------------- from a ModelsConfig
+
+
+def _is_saved_biencoder(name_or_path: str) -> bool:
+    p = Path(name_or_path).expanduser()
+    if not (looks_local(name_or_path) and p.is_dir()):
+        return False
+    meta = read_model_meta(p)
+    return meta is not None and meta.get("kind") == "biencoder"
+
+
+def load_biencoder(models_cfg: ModelsConfig, tokenizer_dir: Any = None) -> BiEncoder:
+    """The bi-encoder a config names; lengths from the config.
+
+    * ``query_encoder`` and ``ctx_encoder`` both None: a tiny one over ``tokenizer_dir`` (required);
+    * ``query_encoder`` a directory saved by ``BiEncoder.save_pretrained``: that (``ctx_encoder``
+      None or the same path; shared or not as it was saved);
+    * otherwise two DPR checkpoints (names or paths), or with ``shared_encoder`` one.
+    ``tokenizer_dir`` is used for tiny builds only; checkpoints bring their tokenizers.
+    """
+    q, c = models_cfg.query_encoder, models_cfg.ctx_encoder
+    lengths = dict(query_max_length=models_cfg.query_max_length, passage_max_length=models_cfg.passage_max_length)
+    if q is None and c is None:
+        if tokenizer_dir is None:
+            raise ConfigError("models.query_encoder and models.ctx_encoder are not set: building a tiny "
+                              "bi-encoder needs a WordPiece tokenizer directory")
+        return build_tiny_biencoder(tokenizer_dir, models_cfg.tiny, shared=models_cfg.shared_encoder, **lengths)
+    if q is None:
+        raise ConfigError(f"models.ctx_encoder is {c!r} but models.query_encoder is not set")
+    if _is_saved_biencoder(q):
+        if c is not None and c != q:
+            raise ConfigError(f"models.query_encoder {q!r} is a saved bi-encoder with its own context encoder; "
+                              f"models.ctx_encoder ({c!r}) must be unset or the same path")
+        return BiEncoder.from_pretrained(q, **lengths)
+    if models_cfg.shared_encoder:
+        if c is not None and c != q:
+            raise ConfigError(f"models.shared_encoder is true but models.query_encoder ({q!r}) and "
+                              f"models.ctx_encoder ({c!r}) differ")
+        return BiEncoder.from_pretrained(q, shared=True, **lengths)
+    if c is None:
+        raise ConfigError(f"models.query_encoder is {q!r} but models.ctx_encoder is not set "
+                          "(set it, or set models.shared_encoder: true)")
+    return BiEncoder.from_pretrained(q, c, **lengths)
+
+
+def load_reranker(models_cfg: ModelsConfig, tokenizer_dir: Any = None) -> CrossEncoder:
+    """``models.reranker`` loaded, or (None) a tiny one over the WordPiece ``tokenizer_dir``."""
+    if models_cfg.reranker is None:
+        if tokenizer_dir is None:
+            raise ConfigError("models.reranker is not set: building a tiny reranker needs a WordPiece "
+                              "tokenizer directory")
+        return build_tiny_reranker(tokenizer_dir, models_cfg.tiny, max_length=models_cfg.reranker_max_length)
+    return CrossEncoder.from_pretrained(models_cfg.reranker, max_length=models_cfg.reranker_max_length)
+
+
+def load_generator(models_cfg: ModelsConfig, bpe_tokenizer_dir: Any = None) -> Generator:
+    """``models.generator`` loaded, or (None) a tiny BART over the byte-level BPE ``bpe_tokenizer_dir``."""
+    lengths = dict(source_max_length=models_cfg.generator_source_max_length,
+                   target_max_length=models_cfg.generator_target_max_length)
+    if models_cfg.generator is None:
+        if bpe_tokenizer_dir is None:
+            raise ConfigError("models.generator is not set: building a tiny generator needs a byte-level "
+                              "BPE tokenizer directory")
+        return build_tiny_generator(bpe_tokenizer_dir, models_cfg.tiny, **lengths)
+    return Generator.from_pretrained(models_cfg.generator, **lengths)

@@ -1,0 +1,111 @@
+"""Model identity: fingerprints of encoder weights and the small ``re2g_model.json`` beside them.
+
+What is fingerprinted, and why
+------------------------------
+A dense index holds passage vectors made by a bi-encoder's **context encoder**. A query encoder
+belongs with that index exactly when it was trained against that same context encoder: DPR
+training and RAG/Re2G training keep the index (and so the context encoder) fixed while the query
+encoder changes. So the fingerprint of a bi-encoder is the fingerprint of its context encoder (the
+one shared encoder when ``shared_encoder=True``), and it is saved in ``re2g_model.json`` as
+``fingerprint`` whenever a :class:`~re2g.models.encoders.BiEncoder` is saved. A fine-tuned query
+encoder saved with the same context encoder keeps the fingerprint; a bi-encoder from another
+training run, or a context encoder trained further, gets a new one, and the index refuses it.
+
+The fingerprint is ``sha256`` over a few architecture fields of the config that the weights'
+shapes do not pin (activation, layer-norm epsilon, ...), then, for every parameter in name order,
+its name, shape and values as float32 bytes; the first 16 hex digits. Names drop the DPR wrapper
+prefix (``ctx_encoder.`` / ``question_encoder.``), so equal weights hash equal whichever DPR class
+holds them. Values are cast to float32 on the CPU, so the device does not matter; a model cast to
+another dtype (bf16, fp16) gets a different fingerprint on purpose: its vectors differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from re2g.errors import ArtifactError
+
+MODEL_META_FILE = "re2g_model.json"
+FINGERPRINT_CHARS = 16
+
+# Config fields that change an encoder's output without changing any weight's shape.
+_CONFIG_KEYS = ("model_type", "hidden_act", "layer_norm_eps", "position_embedding_type",
+                "projection_dim", "type_vocab_size")
+_WRAPPER_PREFIXES = ("ctx_encoder.", "question_encoder.")
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Fingerprint of one module: its config fields and parameters (see the module docstring)."""
+    h = hashlib.sha256()
+    cfg = getattr(module, "config", None)
+    cfg_part = {k: getattr(cfg, k, None) for k in _CONFIG_KEYS} if cfg is not None else {}
+    h.update(json.dumps(cfg_part, sort_keys=True, default=str).encode())
+    params = {}
+    for name, p in module.named_parameters():
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        params[name] = p
+    with torch.no_grad():
+        for name in sorted(params):
+            t = params[name].detach().to("cpu", torch.float32).contiguous()
+            h.update(name.encode())
+            h.update(repr(tuple(t.shape)).encode())
+            h.update(t.numpy().data)
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def encoder_fingerprint(module_or_dir: Any) -> str:
+    """The fingerprint a dense index stores and checks.
+
+    * a :class:`~re2g.models.encoders.BiEncoder`: its context encoder (the shared one if shared);
+    * any other ``torch.nn.Module``: that module;
+    * a directory: a saved bi-encoder (``re2g_model.json``) is loaded and its context encoder
+      hashed (recomputed from the weights, never read from the json); a plain Hugging Face DPR
+      directory is loaded and hashed.
+    """
+    from re2g.models.encoders import BiEncoder, load_dpr_encoder
+
+    if isinstance(module_or_dir, BiEncoder):
+        return module_fingerprint(module_or_dir.ctx_encoder)
+    if isinstance(module_or_dir, torch.nn.Module):
+        return module_fingerprint(module_or_dir)
+    path = Path(module_or_dir)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: not a model directory (expected a saved bi-encoder or a DPR encoder)")
+    meta = read_model_meta(path)
+    if meta is not None:
+        if meta.get("kind") != "biencoder":
+            raise ArtifactError(f"{path}: a saved {meta.get('kind')!r}, not a bi-encoder")
+        sub = "query_encoder" if meta.get("shared") else "ctx_encoder"
+        return module_fingerprint(load_dpr_encoder(path / sub, role="ctx"))
+    return module_fingerprint(load_dpr_encoder(path, role="ctx"))
+
+
+def read_model_meta(directory: str | Path) -> dict | None:
+    """The ``re2g_model.json`` of a saved re2g model directory, or ``None`` when there is none."""
+    path = Path(directory) / MODEL_META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise ArtifactError(f"{path}: expected an object with a 'kind' field")
+    return meta
+
+
+def write_model_meta(directory: str | Path, meta: dict) -> Path:
+    """Write ``re2g_model.json`` (last, after the weights: its presence marks a complete save)."""
+    path = Path(directory) / MODEL_META_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,171 @@
+"""The generator: BART over one input per (query, passage), as in RAG and Re2G.
+
+For query x and passage z_j = (title, text) the source is
+
+    s_j = title + title_sep + text + query_sep + x        (defaults " / " and " // ", as HF RAG)
+
+(without ``title + title_sep`` when the title is empty). :meth:`Generator.forward_logprobs` gives
+the per-token log p(y_t | s_j, y_<t) of a target y for every passage, shape (B, n_docs, T), 0 at
+padding; the marginalization over passages (RAG-Sequence / RAG-Token, weighted by DPR or reranker
+scores) is built on it elsewhere. Targets are tokenized as BART labels (``<s> … </s>``) and the
+decoder is fed them shifted right, exactly as ``BartForConditionalGeneration(labels=...)`` does.
+
+Saved layout: the Hugging Face model and tokenizer files in the directory itself + ``re2g_model.json``
+(separators and lengths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from re2g.errors import ArtifactError
+from re2g.models.encoders import check_source, load_tokenizer, module_device, title_text
+from re2g.models.fingerprint import read_model_meta, write_model_meta
+
+DEFAULT_TITLE_SEP = " / "
+DEFAULT_QUERY_SEP = " // "
+DEFAULT_SOURCE_MAX_LENGTH = 256
+DEFAULT_TARGET_MAX_LENGTH = 32
+
+
+class Generator(torch.nn.Module):
+    """``BartForConditionalGeneration`` (or any HF seq2seq LM) + tokenizer + the source format."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, title_sep: str = DEFAULT_TITLE_SEP,
+                 query_sep: str = DEFAULT_QUERY_SEP, source_max_length: int = DEFAULT_SOURCE_MAX_LENGTH,
+                 target_max_length: int = DEFAULT_TARGET_MAX_LENGTH):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.title_sep = title_sep
+        self.query_sep = query_sep
+        self.source_max_length = int(source_max_length)
+        self.target_max_length = int(target_max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
+    # ---- inputs
+
+    def build_source(self, query: str, passage: Any) -> str:
+        """s_j for one query and one passage (``Passage``/``Hit``, dict, or (title, text))."""
+        title, text = title_text(passage)
+        body = f"{title}{self.title_sep}{text}" if title else text
+        return f"{body}{self.query_sep}{query}"
+
+    def build_sources(self, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]) -> list[str]:
+        """Sources for every (query, passage), query-major: B * n_docs strings, entry b * n_docs + j is s_j
+        of query b. Every query needs the same number of passages (n_docs >= 1)."""
+        n_docs = _n_docs(queries, passages_per_query)
+        return [self.build_source(q, p) for q, ps in zip(queries, passages_per_query) for p in ps[:n_docs]]
+
+    def tokenize_sources(self, sources: Sequence[str], max_length: int | None = None):
+        """``BatchEncoding`` input_ids/attention_mask (N, S), truncated to ``source_max_length``."""
+        return self.tokenizer(list(sources), max_length=max_length or self.source_max_length, truncation=True,
+                              padding=True, return_tensors="pt")
+
+    def tokenize_targets(self, targets: Sequence[str], max_length: int | None = None):
+        """``BatchEncoding`` input_ids/attention_mask (B, T): the labels and the target mask."""
+        return self.tokenizer(text_target=list(targets), max_length=max_length or self.target_max_length,
+                              truncation=True, padding=True, return_tensors="pt")
+
+    # ---- scoring
+
+    def forward_logprobs(self, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]],
+                         targets: Sequence[str] | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token log p(y_t | s_j, y_<t), shape (B, n_docs, T), exactly 0 where the target is padding.
+
+        ``targets`` are strings, or the output of :meth:`tokenize_targets` (its ``attention_mask`` (B, T)
+        is the target mask the marginalization needs: tokenize once, pass it here, keep the mask).
+        Keeps the autograd graph; dropout follows the model's train/eval mode.
+        """
+        enc_t = self.tokenize_targets(targets) if not isinstance(targets, Mapping) else targets
+        labels = enc_t["input_ids"].to(self.device)                      # (B, T)
+        mask = enc_t["attention_mask"].to(self.device).bool()            # (B, T)
+        n_docs = _n_docs(queries, passages_per_query)
+        if labels.shape[0] != len(queries):
+            raise ValueError(f"{labels.shape[0]} targets for {len(queries)} queries")
+        enc_s = self.tokenize_sources(self.build_sources(queries, passages_per_query))
+        labels_rep = labels.repeat_interleave(n_docs, dim=0)              # (B*n_docs, T)
+        from transformers.models.bart.modeling_bart import shift_tokens_right
+
+        cfg = self.model.config
+        start = cfg.decoder_start_token_id
+        if start is None:
+            start = getattr(getattr(self.model, "generation_config", None), "decoder_start_token_id", None)
+        decoder_input_ids = shift_tokens_right(labels_rep, cfg.pad_token_id, start)  # (B*n_docs, T)
+        logits = self.model(input_ids=enc_s["input_ids"].to(self.device),
+                            attention_mask=enc_s["attention_mask"].to(self.device),
+                            decoder_input_ids=decoder_input_ids, use_cache=False).logits  # (B*n_docs, T, V)
+        logits = logits.float()
+        token_lp = logits.gather(-1, labels_rep.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B*n_docs, T)
+        token_lp = token_lp.view(len(queries), n_docs, -1)                # (B, n_docs, T)
+        return torch.where(mask[:, None, :], token_lp, torch.zeros_like(token_lp))
+
+    # ---- generation
+
+    def generate(self, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]], *,
+                 num_beams: int = 4, num_return_sequences: int = 1, max_new_tokens: int | None = None,
+                 **generate_kwargs) -> list[list[list[str]]]:
+        """Beam search on every s_j: texts shaped (B, n_docs, num_return_sequences), best beam first.
+        Extra keyword arguments go to ``model.generate``."""
+        n_docs = _n_docs(queries, passages_per_query)
+        enc = self.tokenize_sources(self.build_sources(queries, passages_per_query))
+        with torch.no_grad():
+            out = self.model.generate(input_ids=enc["input_ids"].to(self.device),
+                                      attention_mask=enc["attention_mask"].to(self.device),
+                                      num_beams=max(num_beams, num_return_sequences),
+                                      num_return_sequences=num_return_sequences,
+                                      max_new_tokens=max_new_tokens or self.target_max_length,
+                                      **generate_kwargs)  # (B*n_docs*r, L)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        r = num_return_sequences
+        return [[texts[(b * n_docs + j) * r:(b * n_docs + j + 1) * r] for j in range(n_docs)]
+                for b in range(len(queries))]
+
+    # ---- save / load
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Model + tokenizer files in ``directory``, then ``re2g_model.json``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(d)
+        self.tokenizer.save_pretrained(d)
+        write_model_meta(d, {"kind": "generator", "title_sep": self.title_sep, "query_sep": self.query_sep,
+                             "source_max_length": self.source_max_length,
+                             "target_max_length": self.target_max_length})
+        return d
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: Any = None, **overrides) -> "Generator":
+        """Load from a hub name (``facebook/bart-large``) or a local directory; ``overrides``
+        (title_sep, query_sep, source_max_length, target_max_length) win over the saved values."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        src = check_source(name_or_path, "generator")
+        meta = read_model_meta(src) if Path(src).is_dir() else None
+        if meta is not None and meta.get("kind") != "generator":
+            raise ArtifactError(f"{src}: a saved {meta.get('kind')!r}, not a generator")
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{src}: cannot load the generator: {e}") from None
+        tok = load_tokenizer(tokenizer if tokenizer is not None else src, "generator tokenizer")
+        keys = ("title_sep", "query_sep", "source_max_length", "target_max_length")
+        kwargs = {k: meta[k] for k in keys if meta and k in meta}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model, tok, **kwargs)
+
+
+def _n_docs(queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]) -> int:
+    if len(queries) != len(passages_per_query):
+        raise ValueError(f"{len(queries)} queries but {len(passages_per_query)} passage lists")
+    counts = {len(ps) for ps in passages_per_query}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"every query needs the same number (>= 1) of passages, got {sorted(counts)}")
+    return counts.pop()
