@@ -1,1 +1,1 @@
-"""re2g.eval"""
+"""re2g.eval: retrieval and KILT metrics, reports."""
