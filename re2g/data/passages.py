@@ -1,0 +1,687 @@
+"""Passages: splitting a KILT knowledge source into ~100-word passages, and the passages Parquet.
+
+**Splitting** (:func:`split_page`, pure). Paragraph 0 of a KILT page repeats the title and is skipped
+unless ``include_title_paragraph``. Words are whitespace tokens. Paragraphs are added whole while
+the passage stays within ``max_words``; a passage is emitted as soon as it has ``min_words`` (or the
+page ends, so only a page's last passage may be shorter). A paragraph that does not fit tops the
+current passage up to ``max_words`` and its remaining words go on the same way, so a paragraph
+longer than ``max_words`` becomes pieces of ``max_words`` words. Passage text is its words joined
+by single spaces: the passages of a page, joined, give back exactly the page's words.
+
+**Ids.** ``f"{wikipedia_id}::[{start},{end}]"``: the first and last paragraph (inclusive, KILT
+paragraph indexes) the passage has words from. Only pieces of one paragraph can share a range;
+the second and later get ``#1``, ``#2``, ...: ``123::[3,3]``, ``123::[3,3]#1``. :func:`parse_pid`
+reads any of them back to ``(wikipedia_id, start, end)``.
+
+**At scale** (:func:`split_knowledge_source`) the source is cut into byte ranges (``chunk_bytes``;
+one per compressed file) that Ray Data processes in parallel, in two passes: the first validates
+every row (errors name the file and the line) and finds duplicate page ids, the second splits and
+writes Parquet into a temporary sibling directory that is renamed into place at the end.
+
+**The artifact**: a directory of Parquet files with string columns ``pid, title, text,
+wikipedia_id`` (``wikipedia_id`` is null for corpora without pages), plus ``_manifest.json``
+(source, config, stats), which Parquet readers ignore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.utils import infer_compression
+
+from re2g.config import PassageConfig
+from re2g.data.kilt import (
+    DUPLICATE_ID,
+    KnowledgePage,
+    RowError,
+    RowReport,
+    open_input,
+    parse_json_line,
+    parse_page,
+)
+from re2g.errors import ArtifactError, DataFormatError
+from re2g.types import Passage
+
+PASSAGE_COLUMNS = ("pid", "title", "text", "wikipedia_id")
+PASSAGE_SCHEMA = pa.schema([(c, pa.string()) for c in PASSAGE_COLUMNS])
+MANIFEST = "_manifest.json"
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+_PID_RE = re.compile(r"^(?P<wid>.+)::\[(?P<start>\d+),(?P<end>\d+)\](?:#(?P<piece>[1-9]\d*))?$", re.S)
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def make_pid(wikipedia_id: str, start: int, end: int, piece: int = 0) -> str:
+    """``wid::[start,end]``, with ``#piece`` for the second and later pieces of one range."""
+    pid = f"{wikipedia_id}::[{start},{end}]"
+    return f"{pid}#{piece}" if piece else pid
+
+
+def parse_pid(pid: str) -> tuple[str, int, int]:
+    """``"123::[3,5]"`` or ``"123::[3,3]#2"`` -> ``("123", 3, 5)``; other strings raise ``ValueError``."""
+    m = _PID_RE.match(pid) if isinstance(pid, str) else None
+    if m is None:
+        raise ValueError(f"not a KILT passage id (expected 'wikipedia_id::[start,end]'): {pid!r}")
+    return m["wid"], int(m["start"]), int(m["end"])
+
+
+# --------------------------------------------------------------------------- splitting (pure)
+
+
+def split_page(page: Mapping[str, Any] | KnowledgePage, cfg: PassageConfig) -> list[dict]:
+    """Split one knowledge-source page into passages ``{pid, title, text, wikipedia_id}``.
+
+    Every passage has at most ``cfg.max_words`` words and at least ``cfg.min_words`` except the
+    page's last; see the module docstring for the rule and the id scheme.
+    """
+    if isinstance(page, KnowledgePage):
+        wid, title, paragraphs = page.wikipedia_id, page.wikipedia_title, page.text
+    else:
+        wid, title, paragraphs = str(page["wikipedia_id"]), page.get("wikipedia_title") or "", page["text"]
+    out: list[dict] = []
+    pieces: dict[tuple[int, int], int] = {}
+    buf: list[str] = []
+    start = end = 0
+
+    def emit() -> None:
+        k = pieces.get((start, end), 0)
+        pieces[(start, end)] = k + 1
+        out.append({"pid": make_pid(wid, start, end, k), "title": title, "text": " ".join(buf),
+                    "wikipedia_id": wid})
+
+    for i in range(0 if cfg.include_title_paragraph else 1, len(paragraphs)):
+        words = paragraphs[i].split()
+        pos = 0
+        while pos < len(words):
+            take = min(cfg.max_words - len(buf), len(words) - pos)
+            if not buf:
+                start = i
+            buf.extend(words[pos:pos + take])
+            end = i
+            pos += take
+            if len(buf) >= cfg.min_words:
+                emit()
+                buf = []
+    if buf:
+        emit()
+    return out
+
+
+def passages_table(rows: Iterable[Passage | Mapping[str, Any]]) -> pa.Table:
+    """Passages (records or dicts) as a table with the passages schema."""
+    cols: dict[str, list] = {c: [] for c in PASSAGE_COLUMNS}
+    for r in rows:
+        get = r.get if isinstance(r, Mapping) else (lambda k, _r=r: getattr(_r, k))
+        for c in PASSAGE_COLUMNS:
+            cols[c].append(get(c))
+    return pa.table(cols, schema=PASSAGE_SCHEMA)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class PassageStats:
+    """What a split or a conversion produced. ``pages``: source rows accepted (pages for KILT,
+    passages for DPR/BEIR); ``skipped``: bad rows skipped (by kind in ``report``)."""
+
+    pages: int
+    passages: int
+    words_min: int
+    words_mean: float
+    words_max: int
+    skipped: int
+    seconds: float
+    source: str = ""
+    out: str = ""
+    report: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self):
+        """A ``rich`` table for the console."""
+        from rich.table import Table
+
+        t = Table(title=f"passages: {self.out}" if self.out else "passages", show_header=False)
+        t.add_column("", style="bold")
+        t.add_column("", justify="right")
+        t.add_row("source", self.source)
+        t.add_row("pages", f"{self.pages:,}")
+        t.add_row("passages", f"{self.passages:,}")
+        t.add_row("words min / mean / max", f"{self.words_min} / {self.words_mean:.1f} / {self.words_max}")
+        skipped = f"{self.skipped:,}"
+        if self.skipped and self.report.get("by_kind"):
+            skipped += " (" + ", ".join(f"{k} {v}" for k, v in sorted(self.report["by_kind"].items())) + ")"
+        t.add_row("bad rows skipped", skipped)
+        t.add_row("seconds", f"{self.seconds:.1f}")
+        return t
+
+
+# --------------------------------------------------------------------------- atomic output directory
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A temporary output directory: ``fs`` (fsspec), ``path`` (without protocol), ``uri``."""
+
+    fs: Any
+    path: str
+
+    @property
+    def uri(self) -> str:
+        return self.fs.unstrip_protocol(self.path)
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def arrow_filesystem(self):
+        """A pyarrow filesystem for writers that need one (``None`` for local paths)."""
+        if self.is_local:
+            return None
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return PyFileSystem(FSSpecHandler(self.fs))
+
+
+def _protocols(fs) -> tuple:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _name(fs, path: str) -> str:
+    """How a file is named in messages and handed to workers: a plain path when local."""
+    return path if "file" in _protocols(fs) else fs.unstrip_protocol(path)
+
+
+def _is_nonempty(fs, path: str) -> bool:
+    if not fs.exists(path):
+        return False
+    return fs.isfile(path) or bool(fs.ls(path))
+
+
+@contextlib.contextmanager
+def staged_output_dir(out: str, *, overwrite: bool = False) -> Iterator[Staging]:
+    """Yield a temporary sibling directory of ``out``; when the block ends without error it replaces
+    ``out`` (renamed in place), otherwise it is removed. An existing non-empty ``out`` is refused
+    (:class:`ArtifactError`) unless ``overwrite``."""
+    out = str(out).rstrip("/")
+    fs, p = url_to_fs(out)
+    if fs.exists(p) and fs.isfile(p):
+        raise ArtifactError(f"{out}: exists and is a file; expected a directory for the passages")
+    if _is_nonempty(fs, p) and not overwrite:
+        raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
+    parent, _, name = p.rpartition("/")
+    tag = uuid.uuid4().hex[:8]
+    tmp = f"{parent}/.{name}.tmp-{tag}" if parent else f".{name}.tmp-{tag}"
+    fs.makedirs(tmp, exist_ok=True)
+    try:
+        yield Staging(fs, tmp)
+        if fs.exists(p):
+            old = f"{parent}/.{name}.old-{tag}" if parent else f".{name}.old-{tag}"
+            fs.mv(p, old, recursive=True)
+            fs.mv(tmp, p, recursive=True)
+            fs.rm(old, recursive=True)
+        else:
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            fs.mv(tmp, p, recursive=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp, recursive=True)
+        raise
+
+
+def _write_manifest(stage: Staging, manifest: dict) -> None:
+    with stage.fs.open(f"{stage.path}/{MANIFEST}", "w") as f:
+        json.dump(manifest, f, indent=2, default=str)
+
+
+def _parquet_files(fs, path: str) -> list[str]:
+    if fs.isfile(path):
+        return [path]
+    return sorted(f for f in fs.ls(path, detail=False)
+                  if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith((".", "_")))
+
+
+def write_passages(rows: Iterable[Passage | Mapping[str, Any]], out: str, *, overwrite: bool = False,
+                   batch_rows: int = 100_000, manifest: dict | Callable[[int], dict] | None = None) -> int:
+    """Write passages (one process, streaming in batches) as a passages Parquet directory,
+    atomically; ``manifest`` (a dict, or a function of the row count called after the rows are
+    written) goes to ``_manifest.json``. Does not check pids; :func:`read_passages` does.
+    Returns the row count."""
+    n = 0
+    with staged_output_dir(out, overwrite=overwrite) as stage:
+        with stage.fs.open(f"{stage.path}/part-00000.parquet", "wb") as f, \
+                pq.ParquetWriter(f, PASSAGE_SCHEMA) as writer:
+            batch: list = []
+            for r in rows:
+                batch.append(r)
+                if len(batch) >= batch_rows:
+                    writer.write_table(passages_table(batch))
+                    n += len(batch)
+                    batch = []
+            if batch:
+                writer.write_table(passages_table(batch))
+                n += len(batch)
+        if manifest is not None:
+            _write_manifest(stage, manifest(n) if callable(manifest) else {**manifest, "passages": n})
+    return n
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _passage_files(path: str) -> tuple[Any, list[str]]:
+    fs, p = url_to_fs(str(path))
+    if not fs.exists(p):
+        raise DataFormatError(str(path), "passages not found (expected a Parquet file or directory)")
+    files = _parquet_files(fs, p)
+    if not files:
+        raise DataFormatError(str(path), "no Parquet files in the directory (an interrupted write?)")
+    return fs, files
+
+
+def _read_file(fs, f: str, columns: list[str] | None = None) -> pa.Table:
+    with fs.open(f, "rb") as fh:
+        try:
+            return pq.read_table(fh, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataFormatError(_name(fs, f), f"not a readable Parquet file: {e}") from None
+
+
+def _check_schema(name: str, schema: pa.Schema) -> None:
+    for c in PASSAGE_COLUMNS:
+        if c not in schema.names:
+            if c == "wikipedia_id":
+                continue
+            raise DataFormatError(name, f"missing column (expected columns {', '.join(PASSAGE_COLUMNS)}; "
+                                        f"found {', '.join(schema.names)})", field=c)
+        typ = schema.field(c).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
+            raise DataFormatError(name, f"expected a string column, got {typ}", field=c)
+
+
+def _normalize(t: pa.Table) -> pa.Table:
+    if "wikipedia_id" not in t.column_names:
+        t = t.append_column("wikipedia_id", pa.nulls(t.num_rows, pa.string()))
+    return t.select(list(PASSAGE_COLUMNS)).cast(PASSAGE_SCHEMA)
+
+
+def _check_rows(name: str, t: pa.Table, row0: int = 0) -> None:
+    """Null/empty pid, null title, empty text -> DataFormatError at the (1-based) row."""
+    checks = (
+        ("pid", pc.or_kleene(pc.is_null(t["pid"]), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(t["pid"])), 0)),
+         "empty or missing passage id"),
+        ("title", pc.is_null(t["title"]), "missing title (expected a string, may be empty)"),
+        ("text", pc.or_kleene(pc.is_null(t["text"]),
+                              pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(t["text"])), 0)),
+         "empty passage text"),
+    )
+    for col, bad, reason in checks:
+        bad = pc.fill_null(bad, True)
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            pid = t["pid"][i].as_py()
+            raise DataFormatError(name, f"{reason} (pid {pid!r})" if col != "pid" else reason,
+                                  line=row0 + i + 1, field=col)
+
+
+def _check_unique(names: list[str], tables: list[pa.Table]) -> None:
+    pids = pa.chunked_array([c for t in tables for c in t["pid"].chunks], type=pa.string())
+    if len(pids) == 0:
+        return
+    counts = pc.value_counts(pids)
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(dup) == 0:
+        return
+    where = pc.is_in(pids, value_set=dup).to_numpy(zero_copy_only=False).nonzero()[0]
+    seen: dict[str, int] = {}
+    bounds = []
+    total = 0
+    for t in tables:
+        bounds.append(total)
+        total += t.num_rows
+    for i in where:
+        pid = pids[int(i)].as_py()
+        if pid in seen:
+            k = max(j for j, b in enumerate(bounds) if b <= i)
+            first = seen[pid]
+            kf = max(j for j, b in enumerate(bounds) if b <= first)
+            also = f" of {names[kf]}" if kf != k else ""
+            raise DataFormatError(names[k], f"duplicate passage id {pid!r} (first at row {first - bounds[kf] + 1}{also})",
+                                  line=int(i) - bounds[k] + 1, field="pid")
+        seen[pid] = int(i)
+
+
+def read_passages(path: str, *, validate: bool = True) -> pa.Table:
+    """Read a passages Parquet (file or directory) as a table with string columns
+    ``pid, title, text, wikipedia_id`` (``wikipedia_id`` added as nulls when absent).
+
+    ``validate``: a missing column, a wrong type, an empty pid or text, or a duplicate pid raises
+    :class:`DataFormatError` naming the file, the row (1-based) and the pid.
+    """
+    fs, files = _passage_files(path)
+    names = [_name(fs, f) for f in files]
+    tables = []
+    for name, f in zip(names, files):
+        t = _read_file(fs, f)
+        _check_schema(name, t.schema)
+        t = _normalize(t)
+        if validate:
+            _check_rows(name, t)
+        tables.append(t)
+    if validate:
+        _check_unique(names, tables)
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def iter_passages(path: str, *, batch_size: int = 10_000) -> Iterator[Passage]:
+    """Stream the passages of a passages Parquet as :class:`~re2g.types.Passage`, file by file.
+    Columns and empty texts are checked as it goes; duplicate pids are not (see :func:`read_passages`)."""
+    fs, files = _passage_files(path)
+    for f in files:
+        name = _name(fs, f)
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            _check_schema(name, pf.schema_arrow)
+            row0 = 0
+            for batch in pf.iter_batches(batch_size=batch_size):
+                t = _normalize(pa.Table.from_batches([batch]))
+                _check_rows(name, t, row0)
+                row0 += t.num_rows
+                for r in t.to_pylist():
+                    yield Passage(pid=r["pid"], title=r["title"], text=r["text"], wikipedia_id=r["wikipedia_id"])
+
+
+def count_passages(path: str) -> int:
+    """Number of rows of a passages Parquet, from the file footers (reads no data)."""
+    fs, files = _passage_files(path)
+    n = 0
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    return n
+
+
+# --------------------------------------------------------------------------- Ray Data split
+
+# One chunk: the lines of ``uri`` whose first byte lies in [start, end) (end < 0: to the end).
+
+
+def _source_files(source: str) -> tuple[Any, list[str]]:
+    fs, p = url_to_fs(str(source))
+    if any(ch in p for ch in "*?["):
+        files = sorted(fs.glob(p))
+    elif fs.isdir(p):
+        files = sorted(f for f in fs.ls(p, detail=False)
+                       if re.search(r"\.jsonl?(\.\w+)?$", f) and not f.rsplit("/", 1)[-1].startswith((".", "_")))
+    elif fs.exists(p):
+        files = [p]
+    else:
+        raise DataFormatError(str(source), "knowledge source not found")
+    if not files:
+        raise DataFormatError(str(source), "no jsonl files found")
+    return fs, files
+
+
+def plan_chunks(source: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[dict]:
+    """Byte ranges of the source's files, in file order (compressed files are one chunk each)."""
+    fs, files = _source_files(source)
+    chunks = []
+    for f in files:
+        uri = _name(fs, f)
+        size = fs.size(f)
+        if infer_compression(f) or size <= chunk_bytes:
+            chunks.append({"uri": uri, "start": 0, "end": -1})
+            continue
+        for s in range(0, size, chunk_bytes):
+            chunks.append({"uri": uri, "start": s, "end": min(s + chunk_bytes, size)})
+    for i, c in enumerate(chunks):
+        c["chunk"] = i
+    return chunks
+
+
+def _chunk_lines(chunk: Mapping) -> Iterator[tuple[int, bytes]]:
+    """``(line number within the chunk, raw line)`` for every line the chunk owns."""
+    start, end = chunk["start"], chunk["end"]
+    with open_input(chunk["uri"], "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # the rest of the line that began before ``start`` (or just its "\n")
+            pos = f.tell()
+        else:
+            pos = 0
+        n = 0
+        while end < 0 or pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            n += 1
+            pos += len(raw)
+            yield n, raw
+
+
+_SCAN_SCHEMA = pa.schema([
+    ("chunk", pa.int64()), ("lines", pa.int64()),
+    ("wids", pa.list_(pa.string())), ("wid_lines", pa.list_(pa.int64())),
+    ("n_passages", pa.list_(pa.int32())), ("w_sum", pa.list_(pa.int64())),
+    ("w_min", pa.list_(pa.int32())), ("w_max", pa.list_(pa.int32())),
+    ("errors", pa.string()), ("error_counts", pa.string()),
+])
+
+
+def _scan_chunk(chunk: Mapping, cfg: PassageConfig, keep_errors: int = 5) -> dict:
+    """Validate and split one chunk without keeping the passages: per page its id, line and
+    passage/word counts; bad rows as ``[line, kind, field, reason]`` (the first few of each kind)."""
+    out: dict[str, Any] = {k: [] for k in ("wids", "wid_lines", "n_passages", "w_sum", "w_min", "w_max")}
+    errors: list = []
+    counts: dict[str, int] = {}
+    lines = 0
+    for n, raw in _chunk_lines(chunk):
+        lines = n
+        if not raw.strip():
+            continue
+        try:
+            page = parse_page(parse_json_line(raw, chunk["uri"], n), chunk["uri"], n, keep_extra=False)
+        except RowError as e:
+            counts[e.kind] = counts.get(e.kind, 0) + 1
+            if counts[e.kind] <= keep_errors:
+                errors.append([n, e.kind, e.field, e.reason])
+            continue
+        words = [len(p["text"].split()) for p in split_page(page, cfg)]
+        out["wids"].append(page.wikipedia_id)
+        out["wid_lines"].append(n)
+        out["n_passages"].append(len(words))
+        out["w_sum"].append(sum(words))
+        out["w_min"].append(min(words, default=0))
+        out["w_max"].append(max(words, default=0))
+    return {"chunk": chunk["chunk"], "lines": lines, **out, "errors": json.dumps(errors),
+            "error_counts": json.dumps(counts)}
+
+
+def _scan_batch(batch: pa.Table, cfg: PassageConfig) -> pa.Table:
+    rows = [_scan_chunk(c, cfg) for c in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=_SCAN_SCHEMA)
+
+
+def _split_chunk(chunk: Mapping, cfg: PassageConfig) -> Iterator[dict]:
+    """The passages of one chunk's valid pages (rows listed in ``chunk['skip']`` and bad rows,
+    already reported by the scan, are left out)."""
+    skip = set(json.loads(chunk["skip"]))
+    for n, raw in _chunk_lines(chunk):
+        if n in skip or not raw.strip():
+            continue
+        try:
+            page = parse_page(parse_json_line(raw, chunk["uri"], n), chunk["uri"], n, keep_extra=False)
+        except RowError:
+            continue
+        yield from split_page(page, cfg)
+
+
+@dataclass
+class _ScanResult:
+    pages: int
+    passages: int
+    words_min: int
+    words_mean: float
+    words_max: int
+    errors: list[RowError]          # in file order; every kind's first few
+    counts: dict[str, int]          # all bad rows by kind
+    skip: dict[int, list[int]]      # chunk -> duplicate rows (chunk lines) to leave out
+
+
+def _collect_scan(scan: pa.Table, chunks: list[dict]) -> _ScanResult:
+    """Absolute line numbers, duplicate page ids and totals from the per-chunk scans."""
+    import numpy as np
+
+    scan = scan.sort_by("chunk")
+    first_line: dict[int, int] = {}
+    next_line: dict[str, int] = {}
+    for c, lines in zip(scan["chunk"].to_pylist(), scan["lines"].to_pylist()):
+        uri = chunks[c]["uri"]
+        first_line[c] = next_line.get(uri, 1)
+        next_line[uri] = first_line[c] + lines
+
+    def line_of(c: int, n: int) -> int:
+        return first_line[c] + n - 1
+
+    errors: list[tuple[int, int, RowError]] = []
+    counts: dict[str, int] = {}
+    for c, errs, cnt in zip(scan["chunk"].to_pylist(), scan["errors"].to_pylist(), scan["error_counts"].to_pylist()):
+        for n, kind, fld, reason in json.loads(errs):
+            errors.append((c, n, RowError(chunks[c]["uri"], reason, line=line_of(c, n), field=fld, kind=kind)))
+        for k, v in json.loads(cnt).items():
+            counts[k] = counts.get(k, 0) + v
+
+    # Duplicate page ids: keep the first occurrence in file order.
+    parent = pc.list_parent_indices(scan["wids"])
+    flat = pa.table({
+        "wid": pc.list_flatten(scan["wids"]),
+        "chunk": pc.take(scan["chunk"], parent),
+        "line": pc.list_flatten(scan["wid_lines"]),
+    })
+    order = pa.array(np.arange(flat.num_rows, dtype=np.int64))
+    flat = flat.append_column("order", order)
+    dup_rows = np.zeros(flat.num_rows, dtype=bool)
+    skip: dict[int, list[int]] = {}
+    if flat.num_rows:
+        grouped = flat.group_by("wid").aggregate([("order", "count")])
+        dup_ids = pc.filter(grouped["wid"], pc.greater(grouped["order_count"], 1))
+        if len(dup_ids):
+            sub = flat.filter(pc.is_in(flat["wid"], value_set=dup_ids)).sort_by("order")
+            first: dict[str, tuple[int, int]] = {}
+            kept = 0
+            for r in sub.to_pylist():
+                if r["wid"] not in first:
+                    first[r["wid"]] = (r["chunk"], r["line"])
+                    continue
+                dup_rows[r["order"]] = True
+                skip.setdefault(r["chunk"], []).append(r["line"])
+                counts[DUPLICATE_ID] = counts.get(DUPLICATE_ID, 0) + 1
+                if kept < 5:
+                    kept += 1
+                    fc, fn = first[r["wid"]]
+                    where = f"line {line_of(fc, fn)}"
+                    if chunks[fc]["uri"] != chunks[r["chunk"]]["uri"]:
+                        where += f" of {chunks[fc]['uri']}"
+                    errors.append((r["chunk"], r["line"], RowError(
+                        chunks[r["chunk"]]["uri"], f"duplicate wikipedia_id {r['wid']!r} (first on {where})",
+                        line=line_of(r["chunk"], r["line"]), field="wikipedia_id", kind=DUPLICATE_ID)))
+    errors.sort(key=lambda e: (e[0], e[1]))
+
+    keep = ~dup_rows
+    n_pass = pc.list_flatten(scan["n_passages"]).to_numpy(zero_copy_only=False)[keep]
+    w_sum = pc.list_flatten(scan["w_sum"]).to_numpy(zero_copy_only=False)[keep]
+    has = n_pass > 0
+    w_min = pc.list_flatten(scan["w_min"]).to_numpy(zero_copy_only=False)[keep][has]
+    w_max = pc.list_flatten(scan["w_max"]).to_numpy(zero_copy_only=False)[keep][has]
+    passages = int(n_pass.sum())
+    return _ScanResult(
+        pages=int(keep.sum()), passages=passages,
+        words_min=int(w_min.min()) if len(w_min) else 0,
+        words_mean=float(w_sum.sum() / passages) if passages else 0.0,
+        words_max=int(w_max.max()) if len(w_max) else 0,
+        errors=[e for _, _, e in errors], counts=counts, skip=skip)
+
+
+def split_knowledge_source(source: str, out: str, cfg: PassageConfig | None = None, *,
+                           skip_bad_rows: bool = False, overwrite: bool = False,
+                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PassageStats:
+    """Split a KILT knowledge source (a jsonl file, a directory of them or a glob; local or URI)
+    into a passages Parquet directory at ``out``, with Ray Data, on the Ray the caller connected.
+
+    Nothing is written to ``out`` unless every step succeeds: bad rows (malformed JSON, a missing
+    or mistyped field, a duplicate ``wikipedia_id``, whose passages would repeat ids) raise
+    :class:`~re2g.data.kilt.RowError` naming file, line and field before any passage is written;
+    with ``skip_bad_rows`` they are skipped and counted in the returned stats. An existing non-empty
+    ``out`` is refused unless ``overwrite``.
+    """
+    import ray
+
+    cfg = cfg or PassageConfig()
+    t0 = time.perf_counter()
+    with staged_output_dir(out, overwrite=overwrite) as stage:
+        chunks = plan_chunks(source, chunk_bytes)
+
+        # Pass 1: validate every row, find duplicate ids, count (nothing is written).
+        ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+        scan_ds = ds.map_batches(_scan_batch, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow")
+        tables = [t for t in ray.get(scan_ds.to_arrow_refs()) if t.num_rows]
+        scan = _collect_scan(pa.concat_tables(tables).cast(_SCAN_SCHEMA), chunks)
+        n_bad = sum(scan.counts.values())
+        if n_bad and not skip_bad_rows:
+            err = scan.errors[0]
+            more = f" ({n_bad} bad rows in all; skip_bad_rows=True skips them)" if n_bad > 1 else \
+                " (skip_bad_rows=True skips bad rows)"
+            raise RowError(err.path, err.reason + more, line=err.line, field=err.field, kind=err.kind)
+
+        # Pass 2: split and write, in source order.
+        todo = [{**c, "skip": json.dumps(scan.skip.get(c["chunk"], []))} for c in chunks]
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds.context.execution_options.preserve_order = True
+        if scan.passages:
+            ds.flat_map(_split_chunk, fn_kwargs={"cfg": cfg}).write_parquet(
+                stage.path, filesystem=stage.arrow_filesystem())
+        if not _parquet_files(stage.fs, stage.path):  # no passages: still a valid, empty artifact
+            with stage.fs.open(f"{stage.path}/part-00000.parquet", "wb") as f:
+                pq.write_table(PASSAGE_SCHEMA.empty_table(), f)
+        written = count_passages(stage.uri)
+        if written != scan.passages:
+            raise ArtifactError(f"{out}: wrote {written} passages, expected {scan.passages} "
+                                "(did the source change while it was being split?)")
+
+        report = RowReport(path=str(source), rows=scan.pages + n_bad, skipped=n_bad, by_kind=dict(scan.counts))
+        for e in scan.errors:
+            lines = report.first_lines.setdefault(e.kind, [])
+            if len(lines) < report.keep:
+                lines.append(e.line)
+            if len(report.messages) < report.keep:
+                report.messages.append(str(e))
+        stats = PassageStats(pages=scan.pages, passages=scan.passages, words_min=scan.words_min,
+                             words_mean=round(scan.words_mean, 2), words_max=scan.words_max, skipped=n_bad,
+                             seconds=0.0, source=str(source), out=str(out), report=report.to_dict())
+        stats.seconds = round(time.perf_counter() - t0, 2)
+        _write_manifest(stage, {"format": "re2g.passages", "version": 1, "source": str(source),
+                                "config": cfg.model_dump(mode="json"), "stats": stats.to_dict()})
+    if n_bad:
+        log.warning("%s", report.summary())
+    return stats
