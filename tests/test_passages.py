@@ -24,6 +24,7 @@ from re2g.data.passages import (
     plan_chunks,
     read_passages,
     split_knowledge_source,
+    staged_output_dir,
     split_page,
     write_passages,
 )
@@ -105,7 +106,8 @@ def test_paragraph_that_does_not_fit_tops_up_the_passage():
     assert [(p["pid"], len(p["text"].split())) for p in got] == [("5::[1,2]", 100), ("5::[2,4]", 90)]
 
 
-@pytest.mark.parametrize("min_words, max_words, title", [(50, 100, False), (1, 1, False), (10, 30, True), (100, 100, False)])
+@pytest.mark.parametrize("min_words, max_words, title",
+                         [(50, 100, False), (1, 1, False), (10, 30, True), (100, 100, False)])
 def test_split_invariants(min_words, max_words, title):
     cfg = PassageConfig(min_words=min_words, max_words=max_words, include_title_paragraph=title)
     for page in _random_pages(60):
@@ -210,11 +212,27 @@ def test_duplicate_page_id_names_the_id(ray_local, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_directory_of_files_with_a_compressed_one(ray_local, tmp_path):
+    src = tmp_path / "ks"
+    a, b = [_page("1", [60]), _page("2", [30, 30])], [_page("3", [120]), _page("1", [70])]
+    write_knowledge_source(str(src / "a.jsonl"), a)
+    write_knowledge_source(str(src / "b.jsonl.gz"), b)
+    with pytest.raises(RowError) as info:
+        split_knowledge_source(str(src), str(tmp_path / "out"), PassageConfig())
+    assert (info.value.path, info.value.line) == (str(src / "b.jsonl.gz"), 2)
+    assert f"duplicate wikipedia_id '1' (first on line 1 of {src / 'a.jsonl'})" in str(info.value)
+    stats = split_knowledge_source(str(src), str(tmp_path / "out"), PassageConfig(), skip_bad_rows=True)
+    expected = [p for page in a + b[:1] for p in split_page(page, PassageConfig())]
+    assert read_passages(str(tmp_path / "out")).to_pylist() == expected
+    assert (stats.pages, stats.passages, stats.skipped) == (3, len(expected), 1)
+
+
 # --------------------------------------------------------------------------- reading the artifact
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:
-    return [{"pid": f"1::[{i},{i}]", "title": "T", "text": f"text {i}", "wikipedia_id": "1"} for i in range(start, start + n)]
+    return [{"pid": f"1::[{i},{i}]", "title": "T", "text": f"text {i}", "wikipedia_id": "1"}
+            for i in range(start, start + n)]
 
 
 def test_write_and_read_passages(tmp_path):
@@ -228,6 +246,23 @@ def test_write_and_read_passages(tmp_path):
     pq.write_table(pa.table({"pid": ["a"], "title": ["t"], "text": ["x"]}), tmp_path / "one.parquet")
     assert read_passages(str(tmp_path / "one.parquet")).to_pylist() == [
         {"pid": "a", "title": "t", "text": "x", "wikipedia_id": None}]
+
+
+def test_staged_output_is_all_or_nothing(tmp_path):
+    out = tmp_path / "p"
+    with pytest.raises(RuntimeError):
+        with staged_output_dir(str(out)) as stage:
+            (tmp_path / stage.path.rsplit("/", 1)[-1] / "part.parquet").write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    write_passages(_rows(2), str(out))
+    with pytest.raises(RuntimeError):
+        with staged_output_dir(str(out), overwrite=True):
+            raise RuntimeError("crash")
+    assert read_passages(str(out)).num_rows == 2 and [p.name for p in tmp_path.iterdir()] == ["p"]
+    empty = tmp_path / "empty"  # an existing empty directory is fine to write into
+    empty.mkdir()
+    assert write_passages(_rows(1), str(empty)) == 1
 
 
 def test_read_passages_errors(tmp_path):

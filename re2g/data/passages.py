@@ -25,7 +25,9 @@ wikipedia_id`` (``wikipedia_id`` is null for corpora without pages), plus ``_man
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -35,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -346,6 +349,7 @@ def _check_rows(name: str, t: pa.Table, row0: int = 0) -> None:
 
 
 def _check_unique(names: list[str], tables: list[pa.Table]) -> None:
+    """The first repeated pid (in file order) -> DataFormatError at its second row."""
     pids = pa.chunked_array([c for t in tables for c in t["pid"].chunks], type=pa.string())
     if len(pids) == 0:
         return
@@ -353,23 +357,22 @@ def _check_unique(names: list[str], tables: list[pa.Table]) -> None:
     dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(dup) == 0:
         return
-    where = pc.is_in(pids, value_set=dup).to_numpy(zero_copy_only=False).nonzero()[0]
+    offsets = list(itertools.accumulate((t.num_rows for t in tables[:-1]), initial=0))
+
+    def where(i: int) -> tuple[int, int]:  # (file index, 1-based row in the file)
+        k = bisect.bisect_right(offsets, i) - 1
+        return k, i - offsets[k] + 1
+
     seen: dict[str, int] = {}
-    bounds = []
-    total = 0
-    for t in tables:
-        bounds.append(total)
-        total += t.num_rows
-    for i in where:
-        pid = pids[int(i)].as_py()
-        if pid in seen:
-            k = max(j for j, b in enumerate(bounds) if b <= i)
-            first = seen[pid]
-            kf = max(j for j, b in enumerate(bounds) if b <= first)
-            also = f" of {names[kf]}" if kf != k else ""
-            raise DataFormatError(names[k], f"duplicate passage id {pid!r} (first at row {first - bounds[kf] + 1}{also})",
-                                  line=int(i) - bounds[k] + 1, field="pid")
-        seen[pid] = int(i)
+    for i in pc.is_in(pids, value_set=dup).to_numpy(zero_copy_only=False).nonzero()[0].tolist():
+        pid = pids[i].as_py()
+        if pid not in seen:
+            seen[pid] = i
+            continue
+        (k, row), (kf, first) = where(i), where(seen[pid])
+        also = f" of {names[kf]}" if kf != k else ""
+        raise DataFormatError(names[k], f"duplicate passage id {pid!r} (first at row {first}{also})",
+                              line=row, field="pid")
 
 
 def read_passages(path: str, *, validate: bool = True) -> pa.Table:
@@ -443,9 +446,17 @@ def _source_files(source: str) -> tuple[Any, list[str]]:
     return fs, files
 
 
-def plan_chunks(source: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[dict]:
-    """Byte ranges of the source's files, in file order (compressed files are one chunk each)."""
+def auto_chunk_bytes(total_bytes: int, cpus: int) -> int:
+    """About four chunks per CPU, each between 1 MiB and ``DEFAULT_CHUNK_BYTES``."""
+    return int(min(DEFAULT_CHUNK_BYTES, max(1 << 20, -(-total_bytes // max(4 * cpus, 1)))))
+
+
+def plan_chunks(source: str, chunk_bytes: int | None = None, *, cpus: int = 1) -> list[dict]:
+    """Byte ranges of the source's files, in file order (compressed files are one chunk each).
+    ``chunk_bytes=None``: :func:`auto_chunk_bytes` for ``cpus``."""
     fs, files = _source_files(source)
+    if chunk_bytes is None:
+        chunk_bytes = auto_chunk_bytes(sum(fs.size(f) for f in files), cpus)
     chunks = []
     for f in files:
         uri = _name(fs, f)
@@ -551,8 +562,6 @@ class _ScanResult:
 
 def _collect_scan(scan: pa.Table, chunks: list[dict]) -> _ScanResult:
     """Absolute line numbers, duplicate page ids and totals from the per-chunk scans."""
-    import numpy as np
-
     scan = scan.sort_by("chunk")
     first_line: dict[int, int] = {}
     next_line: dict[str, int] = {}
@@ -566,7 +575,8 @@ def _collect_scan(scan: pa.Table, chunks: list[dict]) -> _ScanResult:
 
     errors: list[tuple[int, int, RowError]] = []
     counts: dict[str, int] = {}
-    for c, errs, cnt in zip(scan["chunk"].to_pylist(), scan["errors"].to_pylist(), scan["error_counts"].to_pylist()):
+    columns = (scan[k].to_pylist() for k in ("chunk", "errors", "error_counts"))
+    for c, errs, cnt in zip(*columns):
         for n, kind, fld, reason in json.loads(errs):
             errors.append((c, n, RowError(chunks[c]["uri"], reason, line=line_of(c, n), field=fld, kind=kind)))
         for k, v in json.loads(cnt).items():
@@ -625,7 +635,7 @@ def _collect_scan(scan: pa.Table, chunks: list[dict]) -> _ScanResult:
 
 def split_knowledge_source(source: str, out: str, cfg: PassageConfig | None = None, *,
                            skip_bad_rows: bool = False, overwrite: bool = False,
-                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PassageStats:
+                           chunk_bytes: int | None = None) -> PassageStats:
     """Split a KILT knowledge source (a jsonl file, a directory of them or a glob; local or URI)
     into a passages Parquet directory at ``out``, with Ray Data, on the Ray the caller connected.
 
@@ -633,14 +643,15 @@ def split_knowledge_source(source: str, out: str, cfg: PassageConfig | None = No
     or mistyped field, a duplicate ``wikipedia_id``, whose passages would repeat ids) raise
     :class:`~re2g.data.kilt.RowError` naming file, line and field before any passage is written;
     with ``skip_bad_rows`` they are skipped and counted in the returned stats. An existing non-empty
-    ``out`` is refused unless ``overwrite``.
+    ``out`` is refused unless ``overwrite``. ``chunk_bytes``: the size of the byte ranges read in
+    parallel (default: about four per CPU of the cluster, at most 64 MiB).
     """
     import ray
 
     cfg = cfg or PassageConfig()
     t0 = time.perf_counter()
     with staged_output_dir(out, overwrite=overwrite) as stage:
-        chunks = plan_chunks(source, chunk_bytes)
+        chunks = plan_chunks(source, chunk_bytes, cpus=int(ray.cluster_resources().get("CPU", 1)))
 
         # Pass 1: validate every row, find duplicate ids, count (nothing is written).
         ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
