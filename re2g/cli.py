@@ -88,6 +88,7 @@ def passages(
     min_words: Annotated[Optional[int], typer.Option(help="grow passages to at least this many words")] = None,
     max_words: Annotated[Optional[int], typer.Option(help="never exceed this many words")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="skip malformed pages (reported) instead of stopping")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -104,10 +105,121 @@ def passages(
         cfg = _load(config, None, overrides)
         connect_ray(cfg.ray)
         stats = split_knowledge_source(source, out, cfg.passages,
-                                       skip_bad_rows=skip_bad_rows or cfg.data.skip_bad_rows)
+                                       skip_bad_rows=skip_bad_rows or cfg.data.skip_bad_rows, overwrite=overwrite)
     except Re2GError as e:
         _fail(e)
     console.print(stats.table())
+
+
+# --------------------------------------------------------------------------- models
+
+
+@app.command("init-models")
+def init_models(
+    out: Annotated[str, typer.Argument(help="directory for the initial models (biencoder/, reranker/, generator/)")],
+    tokenizers: Annotated[Optional[str], typer.Option(help="tokenizers dir of the sample task (tiny preset)")] = None,
+    seed: Annotated[int, typer.Option(help="torch seed for models built from config")] = 0,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Save the starting models of a run: tiny models built from config (with the sample task's
+    tokenizers) or the checkpoints the config names (hub names or local directories)."""
+    from re2g.models.init import init_models as _init
+
+    try:
+        cfg = _load(config, preset, set_)
+        written = _init(cfg.models, out, tokenizers_dir=tokenizers, seed=seed)
+    except Re2GError as e:
+        _fail(e)
+    for name, path in written.items():
+        console.print(f"{name:10s} {path}")
+
+
+# --------------------------------------------------------------------------- indexing
+
+
+@app.command()
+def embed(
+    passages: Annotated[str, typer.Argument(help="passages Parquet (path or URI)")],
+    out: Annotated[str, typer.Argument(help="output embeddings directory (Parquet pid, vector)")],
+    model: Annotated[str, typer.Option(help="bi-encoder directory (BiEncoder.save_pretrained)")],
+    actors: Annotated[Optional[int], typer.Option(help="encoder actors in the Ray Data pool")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="passages per encoder call")] = None,
+    local: Annotated[bool, typer.Option(help="embed in this process without Ray")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Embed passages with the DPR context encoder on Ray Data (one encoder actor per GPU where GPUs exist)."""
+    from re2g.index.embed import embed_corpus, embed_corpus_local
+    from re2g.runtime import connect_ray
+
+    try:
+        cfg = _load(config, None, set_)
+        bs = batch_size or cfg.index.embed_batch_size
+        if local:
+            stats = embed_corpus_local(passages, model, out, batch_size=bs, overwrite=overwrite,
+                                       max_length=cfg.models.passage_max_length)
+        else:
+            connect_ray(cfg.ray)
+            stats = embed_corpus(passages, model, out, batch_size=bs, actors=actors or cfg.index.embed_actors,
+                                 max_length=cfg.models.passage_max_length, overwrite=overwrite)
+    except Re2GError as e:
+        _fail(e)
+    console.print(stats.table())
+    console.print(f"{stats.passages} passages in {stats.seconds:.1f} s: {stats.passages_per_s:.1f} passages/s")
+
+
+@app.command()
+def index(
+    passages: Annotated[str, typer.Option(help="passages Parquet (for BM25)")],
+    out: Annotated[str, typer.Option(help="index directory: OUT/dense and OUT/bm25")],
+    embeddings: Annotated[Optional[str], typer.Option(help="embeddings from `re2g embed` (for the dense index)")] = None,
+    dense: Annotated[bool, typer.Option(help="build the dense HNSW shards")] = True,
+    bm25: Annotated[bool, typer.Option(help="build the BM25 (Lucene) index")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace existing indexes")] = False,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build the dense HNSW shards (one Ray task per shard) and the BM25 index."""
+    from re2g.index.retrievers import build_indexes
+    from re2g.layout import join
+    from re2g.runtime import connect_ray
+
+    try:
+        cfg = _load(config, preset, set_)
+        if dense:
+            connect_ray(cfg.ray)
+        summary = build_indexes(cfg, passages=passages, embeddings=embeddings,
+                                dense_dir=join(out, "dense") if dense else None,
+                                bm25_dir=join(out, "bm25") if bm25 else None, overwrite=overwrite)
+    except Re2GError as e:
+        _fail(e)
+    console.print(summary.table())
+
+
+@app.command("retrieval-report")
+def retrieval_report(
+    tasks: Annotated[list[str], typer.Argument(help="KILT task files to evaluate (e.g. the dev split)")],
+    passages: Annotated[str, typer.Option(help="passages Parquet")],
+    index_dir: Annotated[str, typer.Option("--index", help="index directory with dense/ and bm25/")],
+    model: Annotated[Optional[str], typer.Option(help="bi-encoder directory for the dense retriever")] = None,
+    out: Annotated[Optional[str], typer.Option(help="write the report JSON here")] = None,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Recall@1/5/12/24 and MRR@10 (passages) and R-Precision (pages) for BM25, DPR and the hybrid."""
+    from re2g.eval.retrieval_report import retrieval_report as _report
+
+    try:
+        cfg = _load(config, preset, set_)
+        result = _report(cfg, tasks=tasks, passages=passages, index_dir=index_dir, model_dir=model, out=out)
+    except Re2GError as e:
+        _fail(e)
+    console.print(result.table())
 
 
 # --------------------------------------------------------------------------- demo

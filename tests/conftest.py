@@ -39,3 +39,39 @@ def ray_local():
                  configure_logging=False, namespace="re2g-tests")
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the tiny sample run
+# Built once per session and shared (read-only) by the tests that need real artifacts.
+
+
+@pytest.fixture(scope="session")
+def tiny_sample(tmp_path_factory):
+    """The sample task at the ``tiny`` size: a directory with knowledge_source.jsonl, tasks/, tokenizers/."""
+    from re2g.config import SampleConfig
+    from re2g.data.sample import generate_sample
+
+    out = tmp_path_factory.mktemp("tiny") / "sample"
+    generate_sample(out, SampleConfig(size="tiny"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_passages(tiny_sample, ray_local):
+    """The tiny sample's passages Parquet directory (split with Ray Data)."""
+    from re2g.config import PassageConfig
+    from re2g.data.passages import split_knowledge_source
+
+    out = tiny_sample.parent / "passages"
+    split_knowledge_source(str(tiny_sample / "knowledge_source.jsonl"), str(out), PassageConfig())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_sample):
+    """Untrained tiny models saved as save_pretrained directories: biencoder/, reranker/, generator/."""
+    from re2g.config import load_config
+    from re2g.models.init import init_models
+
+    out = tiny_sample.parent / "models"
+    return init_models(load_config(preset="tiny").models, out, tokenizers_dir=tiny_sample / "tokenizers")

@@ -93,3 +93,43 @@ def reports_table(reports: Sequence[RetrievalReport], title: str = "retrieval"):
     for r in reports:
         t.add_row(r.name, str(r.n), *(f"{r.metrics[k]:.3f}" for k in keys))
     return t
+
+
+def _page_of(hit) -> str:
+    wid = getattr(hit, "wikipedia_id", None)
+    if wid:
+        return str(wid)
+    return str(hit.pid).split("::", 1)[0]
+
+
+def evaluate_retrievers(retrievers, examples, locator, *, ks: Sequence[int] = (1, 5, 12, 24), mrr_k: int = 10,
+                        batch_size: int = 512, progress: bool = False) -> tuple[list[RetrievalReport], int]:
+    """Run each retriever (``name -> object with batch_search(queries, k)``) over KILT ``examples``
+    and score its rankings against their provenance: passage-level Recall@k / MRR@k (positives from
+    ``locator``, a :class:`re2g.data.provenance.PassageLocator`) and page-level R-Precision.
+
+    Examples without any positive passage in the corpus are left out; their count is returned
+    beside the reports (callers print it, so nothing is dropped silently).
+    """
+    from tqdm.auto import tqdm
+
+    kept, golds, page_golds = [], [], []
+    for ex in examples:
+        pos = locator.positives(ex)
+        if pos.pids:
+            kept.append(ex)
+            golds.append(pos.pids)
+            page_golds.append(pos.page_ids)
+    skipped = len(examples) - len(kept)
+    queries = [ex.input for ex in kept]
+    k_max = max(max(ks), mrr_k)
+    reports = []
+    for name, retriever in retrievers.items():
+        hits: list = []
+        for s in tqdm(range(0, len(queries), batch_size), desc=f"retrieve {name}", disable=not progress):
+            hits.extend(retriever.batch_search(queries[s:s + batch_size], k_max))
+        rankings = [[h.pid for h in hs] for hs in hits]
+        page_rankings = [[_page_of(h) for h in hs] for hs in hits]
+        reports.append(evaluate_rankings(name, rankings, golds, ks=ks, mrr_k=mrr_k,
+                                         page_rankings=page_rankings, page_golds=page_golds))
+    return reports, skipped

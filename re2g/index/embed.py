@@ -1,0 +1,275 @@
+"""Embed a passages Parquet with the DPR context encoder: Ray Data over a pool of encoder actors.
+
+``embed_corpus`` reads ``pid, title, text`` (local path or pyarrow/fsspec URI), runs
+``map_batches`` with :class:`PassageEmbedder` (a stateful class: each actor loads the bi-encoder
+once) under ``compute=ActorPoolStrategy(size=actors)``, one GPU per actor where GPUs exist, and
+writes Parquet ``pid, vector`` (``vector: list<float32>``). ``embeddings.json`` beside the Parquet
+files records the count, the dimension, the encoder's fingerprint and the timing; it is written
+last, and a local output is built under a temporary name and renamed, so a crash never leaves
+embeddings that a later step would take for complete.
+
+``embed_corpus_local`` is the same computation in one process (the baseline of the benchmark, and
+the path for small corpora without Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from re2g.errors import ArtifactError, DataFormatError
+
+EMBEDDINGS_META = "embeddings.json"
+
+
+@dataclass
+class EmbedStats:
+    """What an embedding run did."""
+
+    out: str
+    passages: int
+    dim: int
+    seconds: float
+    fingerprint: str
+    actors: int
+    batch_size: int
+    device: str
+
+    @property
+    def passages_per_s(self) -> float:
+        return self.passages / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passages_per_s"] = round(self.passages_per_s, 2)
+        return d
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title="corpus embedding")
+        for col in ("passages", "dim", "actors", "batch", "device", "seconds", "passages/s"):
+            t.add_column(col, justify="right")
+        t.add_row(str(self.passages), str(self.dim), str(self.actors), str(self.batch_size), self.device,
+                  f"{self.seconds:.1f}", f"{self.passages_per_s:.1f}")
+        return t
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def _vectors_column(vecs: np.ndarray):
+    """(N, D) float32 -> a pyarrow ``list<float32>`` array."""
+    import pyarrow as pa
+
+    n, d = vecs.shape
+    flat = pa.array(np.ascontiguousarray(vecs, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+class PassageEmbedder:
+    """Ray Data callable class: loads the bi-encoder once per actor, embeds pyarrow batches.
+
+    ``model_dir`` is a bi-encoder saved by ``BiEncoder.save_pretrained``. On CUDA the encoder runs
+    in bf16 (``dtype="auto"``); on CPU in fp32. ``threads`` caps torch's intra-op threads so that
+    several actors on one node do not oversubscribe its cores.
+    """
+
+    def __init__(self, model_dir: str, *, batch_size: int = 64, max_length: int | None = None,
+                 device: str = "auto", dtype: str = "auto", threads: int | None = None):
+        import torch
+
+        from re2g.models.encoders import BiEncoder
+        from re2g.runtime import pick_device
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = pick_device(device)
+        model = BiEncoder.from_pretrained(model_dir)
+        if self.device == "cuda" and dtype in ("auto", "bf16"):
+            model = model.to(torch.bfloat16)
+        elif self.device == "cuda" and dtype == "fp16":
+            model = model.to(torch.float16)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def embed(self, titles: list[str], texts: list[str]) -> np.ndarray:
+        """(N,) titles and texts -> (N, D) float32."""
+        return self.model.embed_passages(titles, texts, batch_size=self.batch_size, max_length=self.max_length)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        titles = [t or "" for t in batch.column("title").to_pylist()]
+        texts = batch.column("text").to_pylist()
+        vecs = self.embed(titles, texts)
+        return pa.table({"pid": batch.column("pid"), "vector": _vectors_column(vecs)})
+
+
+def _prepare_out(out: str, overwrite: bool) -> tuple[str, Path | None]:
+    """Where to write: a temporary sibling for local outputs (renamed at the end)."""
+    if _is_local(out):
+        final = _local_path(out)
+        if final.exists() and any(final.iterdir()):
+            if not overwrite:
+                raise ArtifactError(f"{final}: output exists and is not empty (pass overwrite=True / --overwrite)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.building-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return str(tmp), tmp
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.exists(path) and fs.ls(path) and not overwrite:
+        raise ArtifactError(f"{out}: output exists and is not empty (pass overwrite=True / --overwrite)")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    return out, None
+
+
+def _finish(out: str, tmp: Path | None, meta: dict) -> None:
+    text = json.dumps(meta, indent=2)
+    if tmp is None:  # remote: the meta file is the commit marker, written last
+        import fsspec
+
+        with fsspec.open(out.rstrip("/") + "/" + EMBEDDINGS_META, "w") as f:
+            f.write(text)
+        return
+    (tmp / EMBEDDINGS_META).write_text(text)
+    final = _local_path(out)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def read_embeddings_meta(path: str) -> dict:
+    """The ``embeddings.json`` of an embeddings directory; a missing one means the run never finished."""
+    import fsspec
+
+    uri = path.rstrip("/") + "/" + EMBEDDINGS_META
+    try:
+        with fsspec.open(uri, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no {EMBEDDINGS_META}: not an embeddings directory, or its embedding run "
+                            "did not finish") from None
+
+
+def _check_passages_schema(passages: str) -> int:
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(passages, format="parquet")
+    except (FileNotFoundError, OSError) as e:
+        raise DataFormatError(passages, f"cannot read passages Parquet: {e}") from None
+    names = dataset.schema.names
+    for col in ("pid", "title", "text"):
+        if col not in names:
+            raise DataFormatError(passages, f"missing column (expected pid, title, text; found {names})", field=col)
+    n = dataset.count_rows()
+    if n == 0:
+        raise DataFormatError(passages, "no passages: the corpus is empty")
+    return n
+
+
+def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 64, actors: int = 1,
+                 max_length: int | None = None, device: str = "auto", threads_per_actor: int | None = None,
+                 overwrite: bool = False) -> EmbedStats:
+    """Embed every passage with Ray Data (the caller has connected to Ray).
+
+    One encoder actor per ``actors`` (each with one GPU when the cluster has GPUs and ``device`` is
+    not ``cpu``); Ray Data's progress bars show the work. Returns :class:`EmbedStats`.
+    """
+    import ray
+
+    from re2g.models.fingerprint import encoder_fingerprint
+
+    n = _check_passages_schema(passages)
+    fingerprint = encoder_fingerprint(model_dir)
+    gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
+    use_gpu = gpus >= 1
+    dev = "cuda" if use_gpu else "cpu"
+    target, tmp = _prepare_out(out, overwrite)
+    t0 = time.time()
+    try:
+        ds = ray.data.read_parquet(passages, columns=["pid", "title", "text"])
+        ds = ds.map_batches(
+            PassageEmbedder,
+            fn_constructor_kwargs=dict(model_dir=str(model_dir), batch_size=batch_size, max_length=max_length,
+                                       device=dev, threads=threads_per_actor),
+            batch_size=batch_size * 4,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=None if use_gpu else (threads_per_actor or 1),
+        )
+        ds.write_parquet(target)
+        seconds = time.time() - t0
+        import pyarrow.dataset as pads
+
+        written = pads.dataset(target, format="parquet")
+        count = written.count_rows()
+        if count != n:
+            raise ArtifactError(f"{out}: wrote {count} vectors for {n} passages")
+        first = next(written.to_batches(columns=["vector"], batch_size=1))
+        dim = len(first.column(0)[0])
+        stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
+                           actors=actors, batch_size=batch_size, device=dev)
+        _finish(out, tmp, {**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: int = 64,
+                       max_length: int | None = None, device: str = "auto", threads: int | None = None,
+                       overwrite: bool = False, progress: bool = True) -> EmbedStats:
+    """The same embedding in this process, without Ray: a plain loop over Parquet batches."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from re2g.models.fingerprint import encoder_fingerprint
+
+    n = _check_passages_schema(passages)
+    fingerprint = encoder_fingerprint(model_dir)
+    target, tmp = _prepare_out(out, overwrite)
+    t0 = time.time()
+    try:
+        embedder = PassageEmbedder(str(model_dir), batch_size=batch_size, max_length=max_length,
+                                   device=device, threads=threads)
+        dataset = pads.dataset(passages, format="parquet")
+        dim = 0
+        with tqdm(total=n, desc="embed passages", disable=not progress) as bar:
+            for i, batch in enumerate(dataset.to_batches(columns=["pid", "title", "text"], batch_size=batch_size * 16)):
+                import pyarrow as pa
+
+                table = embedder(pa.Table.from_batches([batch]))
+                dim = len(table.column("vector")[0]) if table.num_rows else dim
+                with_fs = target.rstrip("/") + f"/part-{i:05d}.parquet"
+                pq.write_table(table, with_fs)
+                bar.update(batch.num_rows)
+        seconds = time.time() - t0
+        stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
+                           actors=0, batch_size=batch_size, device=embedder.device)
+        _finish(out, tmp, {**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
