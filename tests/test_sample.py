@@ -319,3 +319,13 @@ def test_estimate_passages():
     assert estimate_passages([30, 80]) == 2
     assert estimate_passages([250]) == 3
     assert estimate_passages([]) == 0
+    assert estimate_passages([40, 90, 40]) == 2        # passages fill across paragraph boundaries
+
+
+def test_estimate_matches_the_splitter(sample):
+    passages = pytest.importorskip("re2g.data.passages")
+    from re2g.config import PassageConfig
+
+    out, summary = sample
+    n = sum(len(passages.split_page(p, PassageConfig())) for p in _jsonl(out / KNOWLEDGE_SOURCE))
+    assert n == summary.estimated_passages
