@@ -163,6 +163,100 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0)
 
 
+# --------------------------------------------------------------------------- training
+
+
+class DeepSpeedConfig(_Strict):
+    """How the training loop configures DeepSpeed (built into a DeepSpeed JSON config per run)."""
+
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3 (optimizer/gradient/parameter partitioning)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU (fp16 is GPU-only and not offered)")
+    gradient_clipping: float = Field(1.0, ge=0, description="max global gradient norm (0: no clipping)")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload the optimizer state to CPU (stage >= 1)")
+
+
+class StageTrainConfig(_Strict):
+    """What every training stage shares: optimization, schedule, batching, checkpoints."""
+
+    epochs: int = Field(2, ge=1, description="passes over the training examples")
+    batch_size: int = Field(16, ge=1, description="queries per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (after warmup)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="share of the steps with linear warmup; "
+                                   "then linear decay to 0")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (None: all epochs)")
+    seed: int = Field(0, description="seed for model init, sampling and batch order")
+    log_every: int = Field(10, ge=1, description="log loss/lr/examples-per-s every N optimizer steps")
+    checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every N steps (None: once per epoch); "
+                                         "the final step is always checkpointed")
+    eval_every: int | None = Field(None, ge=1, description="dev evaluation every N steps (None: at the end only)")
+    max_dev_queries: int | None = Field(None, ge=1, description="evaluate on the first N dev queries (None: all)")
+
+
+class DPRTrainConfig(StageTrainConfig):
+    """Stage 1: the DPR bi-encoder with BM25 hard negatives and cross-worker in-batch negatives."""
+
+    lr: float = Field(2e-5, gt=0)
+    hard_negatives: int = Field(1, ge=0, description="hard negatives per query, sampled from the mined top-k")
+    sample_from_top: int = Field(30, ge=1, description="sample hard negatives from the first N mined ones")
+
+
+class RerankerTrainConfig(StageTrainConfig):
+    """Stage 3: the cross-encoder on the merged DPR + BM25 candidates of each training query."""
+
+    lr: float = Field(3e-5, gt=0)
+    batch_size: int = Field(4, ge=1, description="queries per worker per micro-batch (each with its list)")
+    max_pairs_per_query: int = Field(24, ge=2, description="candidate list length cap (positives + negatives)")
+    max_positives: int = Field(2, ge=1, description="positives kept per list")
+    dense_index: str | None = Field(
+        None, description="dense index for the DPR part of the candidates (with models.query_encoder); "
+        "None: BM25 candidates only")
+    candidates_top_k: int | None = Field(None, ge=1, description="hybrid top-k per query (None: dpr_top_k + bm25_top_k)")
+
+
+class JointTrainConfig(StageTrainConfig):
+    """RocketQAv2-style joint training of the retriever and the reranker on candidate lists."""
+
+    lr: float = Field(2e-5, gt=0, description="learning rate of the bi-encoder")
+    reranker_lr: float | None = Field(None, gt=0, description="learning rate of the reranker (None: lr)")
+    batch_size: int = Field(4, ge=1)
+    list_size: int = Field(8, ge=2, description="candidates per query: positives + hard negatives")
+    max_positives: int = Field(1, ge=1, description="positives per list")
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+
+
+class MiningConfig(_Strict):
+    """Hard-negative mining for DPR and the joint lists (``re2g mine-negatives``)."""
+
+    top_k: int = Field(50, ge=1, description="retrieve this many per training query, then filter")
+    keep: int = Field(30, ge=1, description="hard negatives kept per query after filtering")
+    drop_answer_passages: bool | None = Field(
+        None, description="drop passages that contain an answer; None: yes, except for fact verification "
+        "(answers SUPPORTS/REFUTES)")
+    positive_threshold: float = Field(0.75, gt=0, le=1, description="provenance overlap for a positive passage")
+
+
+class TrainConfig(_Strict):
+    """Training on Ray Train + DeepSpeed: workers, inputs and one section per stage."""
+
+    task: Literal["slot_filling", "qa", "fact_verification"] = Field(
+        "slot_filling", description="the sample task to train on when data.train_file is not set")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool | None = Field(None, description="one GPU per worker; None: when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed)")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per stage")
+    negatives: str | None = Field(None, description="mined negatives jsonl (None: RUN_DIR/train/negatives.jsonl)")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    mining: MiningConfig = Field(default_factory=MiningConfig)
+    dpr: DPRTrainConfig = Field(default_factory=DPRTrainConfig)
+    reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
+    joint: JointTrainConfig = Field(default_factory=JointTrainConfig)
+
+
 class Re2GConfig(_Strict):
     """Everything a run needs. Saved as ``config.yaml`` in every artifact directory."""
 
@@ -176,6 +270,7 @@ class Re2GConfig(_Strict):
     bm25: BM25Config = Field(default_factory=BM25Config)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------- loading
