@@ -65,6 +65,7 @@ def sample(
     out: Annotated[Path, typer.Argument(help="directory to write the sample task into")],
     size: Annotated[str, typer.Option(help="tiny | demo | bench")] = "demo",
     seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 13,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -75,7 +76,7 @@ def sample(
 
     try:
         cfg = _load(config, None, [f"data.sample.size={size}", f"data.sample.seed={seed}", *(set_ or [])])
-        summary = generate_sample(out, cfg.data.sample, vocab_size=cfg.models.tiny.vocab_size)
+        summary = generate_sample(out, cfg.data.sample, vocab_size=cfg.models.tiny.vocab_size, overwrite=overwrite)
     except Re2GError as e:
         _fail(e)
     console.print(summary.table())

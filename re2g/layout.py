@@ -7,7 +7,7 @@ RUN_DIR/
   passages/              passages Parquet (pid, title, text, wikipedia_id)
   models/dpr_init/       bi-encoder before training   models/dpr/  after stage 1
   models/reranker/ ...   one save_pretrained directory per model and stage
-  embeddings/            Parquet pid, vector + embeddings.json
+  embeddings/            Parquet pid, vector + _embeddings.json
   index/dense/           HNSW shards + manifest.json
   index/bm25/            Lucene index
   reports/               metrics JSON, Markdown, plots

@@ -3,7 +3,7 @@
 ``embed_corpus`` reads ``pid, title, text`` (local path or pyarrow/fsspec URI), runs
 ``map_batches`` with :class:`PassageEmbedder` (a stateful class: each actor loads the bi-encoder
 once) under ``compute=ActorPoolStrategy(size=actors)``, one GPU per actor where GPUs exist, and
-writes Parquet ``pid, vector`` (``vector: list<float32>``). ``embeddings.json`` beside the Parquet
+writes Parquet ``pid, vector`` (``vector: list<float32>``). ``_embeddings.json`` beside the Parquet
 files records the count, the dimension, the encoder's fingerprint and the timing; it is written
 last, and a local output is built under a temporary name and renamed, so a crash never leaves
 embeddings that a later step would take for complete.
@@ -25,7 +25,7 @@ import numpy as np
 
 from re2g.errors import ArtifactError, DataFormatError
 
-EMBEDDINGS_META = "embeddings.json"
+EMBEDDINGS_META = "_embeddings.json"  # "_" prefix: Parquet dataset readers skip it
 
 
 @dataclass
@@ -156,7 +156,7 @@ def _finish(out: str, tmp: Path | None, meta: dict) -> None:
 
 
 def read_embeddings_meta(path: str) -> dict:
-    """The ``embeddings.json`` of an embeddings directory; a missing one means the run never finished."""
+    """The ``_embeddings.json`` of an embeddings directory; a missing one means the run never finished."""
     import fsspec
 
     uri = path.rstrip("/") + "/" + EMBEDDINGS_META

@@ -1,0 +1,49 @@
+"""The `re2g` command line from the venv: help texts, and commands on the tiny sample."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RE2G = str(Path(sys.executable).parent / "re2g")
+
+
+def run(*args, check=True):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([RE2G, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"re2g {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.mark.parametrize("cmd", [[], ["sample"], ["passages"], ["embed"], ["index"], ["init-models"],
+                                 ["retrieval-report"], ["config", "show"]])
+def test_help(cmd):
+    p = run(*cmd, "--help")
+    assert "Usage" in p.stdout
+    if not cmd:
+        for sub in ("sample", "passages", "embed", "index", "demo"):
+            assert sub in p.stdout
+
+
+def test_config_show_and_bad_override():
+    p = run("config", "show", "--preset", "paper", "--set", "index.num_shards=4")
+    assert "num_shards: 4" in p.stdout and "facebook/bart-large" in p.stdout
+    bad = run("config", "show", "--set", "index.num_shards=zero", check=False)
+    assert bad.returncode == 2
+    assert "index.num_shards" in bad.stderr and "zero" in bad.stderr
+
+
+def test_sample_and_passages_commands(tmp_path):
+    p = run("sample", str(tmp_path / "s"), "--size", "tiny")
+    assert "slot_filling" in p.stdout or "slot_filling" in p.stderr
+    assert (tmp_path / "s" / "knowledge_source.jsonl").exists()
+    again = run("sample", str(tmp_path / "s"), "--size", "tiny", check=False)
+    assert again.returncode == 2 and "overwrite" in again.stderr
+    run("sample", str(tmp_path / "s"), "--size", "tiny", "--overwrite")
+    run("passages", str(tmp_path / "s" / "knowledge_source.jsonl"), str(tmp_path / "p"))
+    assert list((tmp_path / "p").glob("*.parquet"))
