@@ -163,6 +163,35 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0)
 
 
+# --------------------------------------------------------------------------- generation
+
+
+class GenerationConfig(_Strict):
+    """How answers are generated from the reranked passages (``re2g.models.decoding``)."""
+
+    marginalization: Literal["sequence", "token"] = Field(
+        "sequence", description="sequence: RAG-Sequence (beam search per passage, candidates rescored); "
+        "token: RAG-Token (one decoder over the passage-weighted next-token distribution)")
+    decoding: Literal["thorough", "fast"] = Field(
+        "thorough", description="RAG-Sequence rescoring: thorough scores every candidate against every "
+        "passage; fast gives p=0 to a candidate under the passages whose beams did not produce it")
+    num_beams: int = Field(4, ge=1, description="RAG-Sequence: beam size of the search on each passage")
+    num_return_sequences: int | None = Field(
+        None, ge=1, description="RAG-Sequence: candidates kept per passage (None: num_beams)")
+    token_num_beams: int = Field(1, ge=1, description="RAG-Token: beam size (1: greedy)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="longest answer in tokens (None: models.generator_target_max_length)")
+    title_sep: str | None = Field(None, description="between title and text in s_j (None: the generator's own)")
+    query_sep: str | None = Field(None, description="between passage and query in s_j (None: the generator's own)")
+
+    @model_validator(mode="after")
+    def _returns(self) -> "GenerationConfig":
+        if self.num_return_sequences is not None and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= "
+                             f"num_beams ({self.num_beams})")
+        return self
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -271,6 +300,7 @@ class Re2GConfig(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
 # --------------------------------------------------------------------------- loading
