@@ -1,0 +1,23 @@
+"""Shared body of the training jobs: run a stage of ``re2g.train.api`` and return its summary."""
+
+from __future__ import annotations
+
+
+def run_training_job(name: str, stage: str, argv: list[str] | None, doc: str) -> int:
+    """``python -m jobs.train_<stage> --config ... --set ...``: config -> Ray -> train -> manifest."""
+    from jobs.common import parser, run_job
+
+    p = parser(doc.splitlines()[0])
+    args = p.parse_args(argv)
+
+    def body(cfg, layout):
+        from rich.console import Console
+
+        from re2g.train import api
+
+        fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint}[stage]
+        result = fn(cfg)
+        Console().print(result.table())
+        return result.to_dict()
+
+    return run_job(name, args, body)

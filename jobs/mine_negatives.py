@@ -1,0 +1,29 @@
+"""Mine hard negatives for the training queries (BM25 top-k, filtered) into RUN_DIR/train/negatives.jsonl.
+
+    ray job submit --working-dir . -- python -m jobs.mine_negatives --config run.yaml [--out F]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import parser, run_job
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--out", help="output jsonl (default RUN_DIR/train/negatives.jsonl)")
+    args = p.parse_args(argv)
+
+    def body(cfg, layout):
+        from re2g.train import api
+
+        inputs = api.prepare_inputs(cfg)
+        path, info = api.mine(cfg, inputs, out=args.out, overwrite=args.overwrite)
+        return {"path": path, **info}
+
+    return run_job("mine_negatives", args, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

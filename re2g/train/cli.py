@@ -1,0 +1,93 @@
+"""`re2g train dpr|reranker|joint` and `re2g mine-negatives`: thin commands over ``re2g.train.api``.
+
+Register with ``app.add_typer(train_app, name="train")`` and
+``app.command("mine-negatives")(mine_negatives_command)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from re2g.errors import Re2GError
+
+console = Console(stderr=True)
+train_app = typer.Typer(help="Train the retrieval side on Ray Train + DeepSpeed: DPR, the reranker, joint.",
+                        no_args_is_help=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see `re2g config show`)")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="tiny (CPU, built from config) or paper")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set train.dpr.epochs=3")]
+
+
+def _run(stage: str, config, preset, set_) -> None:
+    from re2g.config import load_config
+    from re2g.runtime import connect_ray
+    from re2g.train import api
+
+    try:
+        cfg = load_config(config, preset=preset, overrides=set_ or [])
+        connect_ray(cfg.ray)
+        fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint}[stage]
+        result = fn(cfg, log=lambda m: console.print(m, markup=False, highlight=False))
+    except Re2GError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    Console().print(result.table())
+    console.print(f"model: {result.model_dir}   checkpoint: {result.run.checkpoint_dir}")
+
+
+@train_app.command("dpr")
+def dpr(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Stage 1: DPR bi-encoder with BM25 hard negatives and in-batch negatives across workers."""
+    _run("dpr", config, preset, set_)
+
+
+@train_app.command("reranker")
+def reranker(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Stage 3: the cross-encoder reranker on the merged DPR + BM25 candidates."""
+    _run("reranker", config, preset, set_)
+
+
+@train_app.command("joint")
+def joint(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """RocketQAv2-style joint training of the retriever and the reranker."""
+    _run("joint", config, preset, set_)
+
+
+def mine_negatives_command(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[str], typer.Option(help="output jsonl (default RUN_DIR/train/negatives.jsonl)")] = None,
+    dense_index: Annotated[Optional[str], typer.Option(
+        help="mine from this dense index (second round) with models.query_encoder instead of BM25")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Mine hard negatives for the training queries: retriever top-k minus positives, passages with a
+    positive's text and (not for fact verification) passages containing an answer."""
+    from re2g.config import load_config
+    from re2g.runtime import connect_ray
+    from re2g.train import api
+
+    try:
+        cfg = load_config(config, preset=preset, overrides=set_ or [])
+        connect_ray(cfg.ray)
+        inputs = api.prepare_inputs(cfg)
+        retriever = None
+        if dense_index:
+            from re2g.index.retrievers import open_retrievers
+            from re2g.models.factory import load_biencoder
+
+            enc = load_biencoder(cfg.models, inputs.tokenizer)
+            retriever = open_retrievers(cfg, passages=inputs.passages, dense_dir=dense_index, bm25_dir=None,
+                                        query_encoder=enc)["dpr"]
+        path, info = api.mine(cfg, inputs, retriever=retriever, out=out, overwrite=overwrite)
+    except Re2GError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    Console().print_json(json.dumps({"path": path, **info}, default=str))
