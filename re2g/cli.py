@@ -45,6 +45,15 @@ config_app = typer.Typer(help="Show and check configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 
+def _register_subapps() -> None:
+    from re2g.eval.cli import evaluate_app
+
+    app.add_typer(evaluate_app, name="evaluate", help="Score predictions (KILT's official metrics).")
+
+
+_register_subapps()
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """Print the full, validated config (preset + file + overrides) as YAML."""
