@@ -47,8 +47,11 @@ app.add_typer(config_app, name="config")
 
 def _register_subapps() -> None:
     from re2g.eval.cli import evaluate_app
+    from re2g.train.cli import mine_negatives_command, train_app
 
     app.add_typer(evaluate_app, name="evaluate", help="Score predictions (KILT's official metrics).")
+    app.add_typer(train_app, name="train")
+    app.command("mine-negatives")(mine_negatives_command)
 
 
 _register_subapps()
@@ -102,7 +105,7 @@ def passages(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Split a KILT knowledge source into ~100-word passages (ids `wikiid::[start,end]`) with Ray Data."""
+    r"""Split a KILT knowledge source into ~100-word passages (ids `wikiid::\[start,end]`) with Ray Data."""
     from re2g.data.passages import split_knowledge_source
     from re2g.runtime import connect_ray
 
