@@ -204,7 +204,8 @@ class Re2GPipeline:
         gen = generator or _model_dir(layout, GENERATOR_DIR) or m.generator
         for what, src, sub in (("reranker", rr, RERANKER_DIR), ("generator", gen, GENERATOR_DIR)):
             if src is None:
-                raise ArtifactError(f"{run}: no {what}: {layout.model(sub)} does not exist and models.{what} is not set")
+                raise ArtifactError(f"{run}: no {what}: {layout.model(sub)} does not exist and "
+                                    f"models.{what} is not set")
         rerank_model = CrossEncoder.from_pretrained(rr, max_length=m.reranker_max_length).to(dev).eval()
         gen_model = Generator.from_pretrained(gen, source_max_length=m.generator_source_max_length,
                                               target_max_length=m.generator_target_max_length,

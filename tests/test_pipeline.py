@@ -126,7 +126,8 @@ def test_run_dir_picks_the_indexed_encoder_and_explains_what_is_missing(run_dir,
 
     decoy = run_dir / "models" / "dpr"      # tried first, but the index was built with models/biencoder
     torch.manual_seed(99)
-    build_tiny_biencoder(tiny_sample / "tokenizers" / "wordpiece", load_config(preset="tiny").models.tiny).save_pretrained(decoy)
+    other = build_tiny_biencoder(tiny_sample / "tokenizers" / "wordpiece", load_config(preset="tiny").models.tiny)
+    other.save_pretrained(decoy)
     try:
         assert pick_biencoder_dir(RunLayout(str(run_dir))) == str(run_dir / "models" / "biencoder")
     finally:
