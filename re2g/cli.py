@@ -235,6 +235,86 @@ def retrieval_report(
     console.print(result.table())
 
 
+# --------------------------------------------------------------------------- answering
+
+
+def _run_cfg(run_dir: str, config, preset, set_):
+    """The run's saved config (when it has one) under the given file/overrides."""
+    from pathlib import Path as _P
+
+    from re2g.config import CONFIG_FILENAME
+
+    saved = _P(run_dir) / CONFIG_FILENAME
+    if config is None and saved.exists():
+        config = saved
+    return _load(config, preset, set_)
+
+
+@app.command()
+def answer(
+    query: Annotated[str, typer.Argument(help="the question, claim or `Entity [SEP] relation` input")],
+    run_dir: Annotated[str, typer.Option("--run", help="run directory (models/, index/, passages/)")] = "runs/quickstart",
+    as_json: Annotated[bool, typer.Option("--json", help="print the full answer as JSON")] = False,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer one query in process: retrieve (DPR + BM25), rerank, generate; print answer and provenance."""
+    import json as _json
+
+    from rich.table import Table
+
+    from re2g.pipeline import Re2GPipeline
+
+    try:
+        cfg = _run_cfg(run_dir, config, preset, set_)
+        ans = Re2GPipeline.from_run_dir(run_dir, cfg).answer(query)
+    except Re2GError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(_json.dumps(ans.to_dict(), indent=2) + "\n")
+        return
+    out = Console()
+    out.print(f"[bold]Q:[/] {query}")
+    out.print(f"[bold green]A:[/] {ans.answer}")
+    t = Table(title="provenance (reranker's top passages)")
+    for c in ("#", "pid", "title", "source", "retrieval", "rerank", "weight"):
+        t.add_column(c)
+    for i, p in enumerate(ans.provenance):
+        t.add_row(str(i + 1), p.pid, p.title, p.source, f"{p.retrieval_score:.3f}", f"{p.rerank_score:.3f}",
+                  f"{p.weight:.3f}")
+    out.print(t)
+
+
+@app.command()
+def predict(
+    task_file: Annotated[str, typer.Argument(help="KILT task jsonl to answer")],
+    out: Annotated[str, typer.Argument(help="predictions jsonl (KILT format) to write")],
+    run_dir: Annotated[str, typer.Option("--run", help="run directory")] = "runs/quickstart",
+    ray_data: Annotated[bool, typer.Option("--ray", help="answer through Ray Data (large sets)")] = False,
+    actors: Annotated[int, typer.Option(help="pipeline actors with --ray")] = 1,
+    batch_size: Annotated[int, typer.Option(help="queries per pipeline call")] = 16,
+    limit: Annotated[Optional[int], typer.Option(help="answer only the first N examples")] = None,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write KILT-format predictions for a task file from a run directory (score them with `re2g evaluate kilt`)."""
+    from re2g.predict import predict_file
+
+    try:
+        cfg = _run_cfg(run_dir, config, preset, set_)
+        if ray_data:
+            from re2g.runtime import connect_ray
+
+            connect_ray(cfg.ray)
+        stats = predict_file(run_dir, task_file, out, cfg=cfg, use_ray=ray_data, actors=actors,
+                             batch_size=batch_size, limit=limit)
+    except Re2GError as e:
+        _fail(e)
+    console.print(f"{stats.examples} predictions in {stats.seconds:.1f} s -> {stats.out}")
+
+
 # --------------------------------------------------------------------------- demo
 
 
