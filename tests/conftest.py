@@ -75,3 +75,28 @@ def tiny_models(tiny_sample):
 
     out = tiny_sample.parent / "models"
     return init_models(load_config(preset="tiny").models, out, tokenizers_dir=tiny_sample / "tokenizers")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_sample, tiny_passages, tiny_models, tmp_path_factory):
+    """An untrained run directory: config.yaml, sample/, passages/, models/{biencoder,reranker,generator},
+    embeddings/, index/{dense (exact), bm25}. Read-only for tests (copy it to change it)."""
+    import shutil
+
+    from re2g.config import load_config, save_config
+    from re2g.index.embed import embed_corpus_local
+    from re2g.index.retrievers import build_indexes
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(tiny_sample, run / "sample")
+    shutil.copytree(tiny_passages, run / "passages")
+    for name in ("biencoder", "reranker", "generator"):
+        shutil.copytree(tiny_models[name], run / "models" / name)
+    cfg = load_config(preset="tiny", overrides=[f"run_dir={run}", "index.exact=true", "generation.num_beams=2",
+                                                "generation.max_new_tokens=8"])
+    save_config(cfg, run)
+    embed_corpus_local(str(run / "passages"), str(run / "models" / "biencoder"), str(run / "embeddings"),
+                       batch_size=64, progress=False)
+    build_indexes(cfg, passages=str(run / "passages"), embeddings=str(run / "embeddings"),
+                  dense_dir=str(run / "index" / "dense"), bm25_dir=str(run / "index" / "bm25"), use_ray=False)
+    return run
