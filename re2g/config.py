@@ -192,6 +192,84 @@ class GenerationConfig(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------- serving
+
+
+class ServeDeploymentConfig(_Strict):
+    """One Ray Serve deployment: resources per replica, replicas (autoscaling), concurrency and
+    dynamic batching (``@serve.batch``)."""
+
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per replica; fractions allowed (Serve's "
+                            "default is 1, too much on a laptop)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU); 0: CPU only")
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound (0: scale to zero when idle)")
+    max_replicas: int = Field(1, ge=1, description="autoscaling upper bound")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at start (None: min_replicas)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="autoscaling target: in-flight requests per replica")
+    max_ongoing_requests: int = Field(16, ge=1, description="requests one replica works on at once "
+                                      "(keep >= max_batch_size so batches can fill)")
+    max_queued_requests: int = Field(64, ge=-1, description="requests queued per caller once every replica is "
+                                     "busy; beyond it: 503 with Retry-After (-1: unbounded)")
+    max_batch_size: int = Field(8, ge=1, description="dynamic batching: most requests in one batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="dynamic batching: longest wait for a batch to fill")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeDeploymentConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must be within "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+
+class IngressServeConfig(ServeDeploymentConfig):
+    """The HTTP ingress: cheap per request (it awaits the others), so many requests at once."""
+
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class GeneratorServeConfig(ServeDeploymentConfig):
+    """The generator: the heaviest stage (beam search per passage)."""
+
+    num_cpus: float = Field(0.5, ge=0)
+
+
+class ServeConfig(_Strict):
+    """The Ray Serve application (``serve/``): HTTP, limits, security and the four deployments."""
+
+    host: str = Field("127.0.0.1", description="HTTP host (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    app_name: str = Field("re2g", description="Serve application name")
+    route_prefix: str = Field("/", description="URL prefix of the application")
+    batching: bool = Field(True, description="dynamic batching in the query encoder, reranker and generator; "
+                           "False: every request runs alone")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request; past it the answer is 504")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) of a 503 when the queues are full")
+    api_key: str | None = Field(None, description="require this key in the API-key header (a literal is saved "
+                                "with the config: prefer api_key_env)")
+    api_key_env: str | None = Field("RE2G_API_KEY", description="environment variable holding the API key "
+                                    "(read where the app is built; unset or empty: no authentication)")
+    api_key_header: str = Field("X-API-Key", description="request header carrying the key "
+                                "(`Authorization: Bearer KEY` is accepted too)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (['*']: any; "
+                                    "[]: no CORS headers)")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body; beyond it: 413")
+    max_query_tokens: int | None = Field(None, ge=1, description="longest query in query-encoder tokens "
+                                         "(None: models.query_max_length); beyond it: 422")
+    max_batch_queries: int = Field(32, ge=1, le=1024, description="most queries in one /v1/answer:batch request")
+    shard_actors: bool | None = Field(None, description="dense shards in named Ray actors shared by the retriever "
+                                      "replicas (None: index.shard_actors)")
+    shard_actor_cpus: float = Field(0.25, ge=0, description="CPUs reserved per shard actor")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve calls check_health this often")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="a health check slower than this fails")
+    ingress: IngressServeConfig = Field(default_factory=IngressServeConfig)
+    retriever: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig)
+    reranker: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig)
+    generator: GeneratorServeConfig = Field(default_factory=GeneratorServeConfig)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -301,6 +379,7 @@ class Re2GConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 # --------------------------------------------------------------------------- loading
