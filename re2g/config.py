@@ -308,6 +308,9 @@ class DPRTrainConfig(StageTrainConfig):
     lr: float = Field(2e-5, gt=0)
     hard_negatives: int = Field(1, ge=0, description="hard negatives per query, sampled from the mined top-k")
     sample_from_top: int = Field(30, ge=1, description="sample hard negatives from the first N mined ones")
+    remote_grad: bool = Field(True, description="in-batch negatives gathered across workers: True = differentiable "
+                              "all-gather (the gradient of one global batch); False = other workers' passages are "
+                              "constants (DPR's code; measured here: tiny models from scratch did not learn)")
 
 
 class RerankerTrainConfig(StageTrainConfig):

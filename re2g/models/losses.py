@@ -36,14 +36,22 @@ def _row_mean(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values[rows].mean()
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(x: torch.Tensor, remote_grad: bool = False) -> torch.Tensor:
     """(B, ...) on each of W ranks -> (W*B, ...) in rank order; this rank's slice is ``x`` itself
     (gradient flows), the other slices are received copies (no gradient). Without an initialized
-    process group (or with one rank) returns ``x``. Every rank must pass the same shape."""
+    process group (or with one rank) returns ``x``. Every rank must pass the same shape.
+
+    ``remote_grad=True``: a differentiable all-gather instead; each rank's loss then also sends
+    gradient to the other ranks' slices (summed back to their owners in backward), so the averaged
+    gradient equals that of one big batch."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
+    if remote_grad and x.is_floating_point():
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()), dim=0)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x

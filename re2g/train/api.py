@@ -300,7 +300,7 @@ def train_dpr(cfg: Re2GConfig, *, inputs: TrainInputs | None = None, fail_once_a
     dev = _dev(cfg, inputs, c)
     bm25 = _bm25(cfg, inputs).batch_search(dev.queries, 20)
     baselines = {"bm25": _strip(metrics_dict(report("bm25", [[h.pid for h in hs] for hs in bm25], dev, lookup)))}
-    stage = DPRStage(dev=dev, **_stage_args(cfg, inputs, c))
+    stage = DPRStage(dev=dev, remote_grad=c.remote_grad, **_stage_args(cfg, inputs, c))
     return run_stage(cfg, stage, plan, c, inputs, baselines=baselines, fail_once_at_step=fail_once_at_step,
                      data_info={"negatives": neg_path, "mining": mining, "train_queries": len(records),
                                 "micro_batches": len(plan.rows), "dropped_examples": plan.dropped}, log=log)

@@ -81,6 +81,7 @@ class DPRStage(StageBase):
     of all queries on all workers); other copies of a query's positives are masked out."""
 
     name: str = "dpr"
+    remote_grad: bool = False
 
     def build(self) -> torch.nn.Module:
         from re2g.models.factory import load_biencoder
@@ -100,7 +101,7 @@ class DPRStage(StageBase):
         passages = [x["positive"] for x in batch] + [n for x in batch for n in x["negatives"]]
         p = model.encode_passages(*_titles_texts(passages))  # (B*(1+H), D)
         keys = torch.tensor([pp["key"] for pp in passages], dtype=torch.long, device=p.device)
-        p_all = gather_with_grad(p)  # (W*B*(1+H), D)
+        p_all = gather_with_grad(p, self.remote_grad)  # (W*B*(1+H), D)
         keys_all = gather_with_grad(keys)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         positive = torch.arange(B, device=p.device) + rank * len(passages)  # (B,)
