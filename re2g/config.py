@@ -228,6 +228,7 @@ class IngressServeConfig(ServeDeploymentConfig):
 
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
+    target_ongoing_requests: float = Field(32.0, gt=0)
 
 
 class GeneratorServeConfig(ServeDeploymentConfig):
@@ -324,6 +325,9 @@ class RerankerTrainConfig(StageTrainConfig):
         None, description="dense index for the DPR part of the candidates (with models.query_encoder); "
         "None: BM25 candidates only")
     candidates_top_k: int | None = Field(None, ge=1, description="hybrid top-k per query (None: dpr_top_k + bm25_top_k)")
+    init_from_biencoder: str | None = Field(
+        None, description="start the reranker's BERT from this saved bi-encoder's query encoder (tiny models, "
+        "which have no pretrained language model; None: models.reranker as configured)")
 
 
 class JointTrainConfig(StageTrainConfig):

@@ -325,7 +325,7 @@ def train_reranker(cfg: Re2GConfig, *, inputs: TrainInputs | None = None, fail_o
         f"{stats.only_positives} with only positives (skipped)")
     dev = _dev(cfg, inputs, c, dev_path)
     hybrid = {"retriever order": _strip(metrics_dict(report("hybrid", dev.candidates, dev, lookup)))}
-    stage = RerankerStage(dev=dev, **_stage_args(cfg, inputs, c))
+    stage = RerankerStage(dev=dev, init_from_biencoder=c.init_from_biencoder, **_stage_args(cfg, inputs, c))
     return run_stage(cfg, stage, plan, c, inputs, baselines=hybrid, fail_once_at_step=fail_once_at_step,
                      data_info={"lists": stats.to_dict(), "micro_batches": len(plan.rows)}, log=log)
 

@@ -152,17 +152,38 @@ def _list_scores(reranker, batch: list[dict]) -> tuple[torch.Tensor, torch.Tenso
     return scores.view(B, C), labels, mask
 
 
+def init_reranker_from_biencoder(reranker, biencoder_dir: str) -> None:
+    """Copy a saved bi-encoder's (query) BERT weights into the reranker's BERT (same sizes and
+    vocabulary; the pooler and the classifier head stay as they are). For tiny models with no
+    pretrained language model, the stage-1 encoder is the best starting point there is."""
+    from re2g.errors import ArtifactError
+    from re2g.models.encoders import BiEncoder
+
+    bert = BiEncoder.from_pretrained(biencoder_dir).query_encoder.question_encoder.bert_model
+    target = getattr(reranker.model, "bert", None)
+    if target is None:
+        raise ArtifactError(f"{biencoder_dir}: the reranker is not a BERT model; cannot initialize it from a bi-encoder")
+    missing, unexpected = target.load_state_dict(bert.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise ArtifactError(f"{biencoder_dir}: bi-encoder and reranker differ (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+
+
 @dataclass
 class RerankerStage(StageBase):
     """The cross-encoder: ``-sum_{i in Prov} log softmax(z_r)_i`` over each query's candidate list."""
 
     name: str = "reranker"
     dev_metric: str = "dev_recall@1"
+    init_from_biencoder: str | None = None
 
     def build(self) -> torch.nn.Module:
         from re2g.models.factory import load_reranker
 
-        return load_reranker(self.models, self.tokenizer_dir)
+        model = load_reranker(self.models, self.tokenizer_dir)
+        if self.init_from_biencoder:
+            init_reranker_from_biencoder(model, self.init_from_biencoder)
+        return model
 
     def load(self, directory: str | Path) -> torch.nn.Module:
         from re2g.models.reranker import CrossEncoder
