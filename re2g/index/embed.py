@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,6 +156,19 @@ def _finish(out: str, tmp: Path | None, meta: dict) -> None:
     tmp.rename(final)
 
 
+@contextmanager
+def _staged(out: str, overwrite: bool):
+    """Yield ``(target, commit)``: write under ``target``, call ``commit(meta)`` when complete; on any
+    error the temporary output is removed, so nothing half-written is left."""
+    target, tmp = _prepare_out(out, overwrite)
+    try:
+        yield target, lambda meta: _finish(out, tmp, meta)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def read_embeddings_meta(path: str) -> dict:
     """The ``_embeddings.json`` of an embeddings directory; a missing one means the run never finished."""
     import fsspec
@@ -202,9 +216,8 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
     gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
     use_gpu = gpus >= 1
     dev = "cuda" if use_gpu else "cpu"
-    target, tmp = _prepare_out(out, overwrite)
     t0 = time.time()
-    try:
+    with _staged(out, overwrite) as (target, commit):
         ds = ray.data.read_parquet(passages, columns=["pid", "title", "text"])
         ds = ds.map_batches(
             PassageEmbedder,
@@ -228,11 +241,7 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
         dim = len(first.column(0)[0])
         stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
                            actors=actors, batch_size=batch_size, device=dev)
-        _finish(out, tmp, {**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
     return stats
 
 
@@ -248,9 +257,8 @@ def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: i
 
     n = _check_passages_schema(passages)
     fingerprint = encoder_fingerprint(model_dir)
-    target, tmp = _prepare_out(out, overwrite)
     t0 = time.time()
-    try:
+    with _staged(out, overwrite) as (target, commit):
         embedder = PassageEmbedder(str(model_dir), batch_size=batch_size, max_length=max_length,
                                    device=device, threads=threads)
         dataset = pads.dataset(passages, format="parquet")
@@ -267,9 +275,5 @@ def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: i
         seconds = time.time() - t0
         stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
                            actors=0, batch_size=batch_size, device=embedder.device)
-        _finish(out, tmp, {**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
     return stats
