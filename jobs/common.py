@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from re2g.config import Re2GConfig, load_config, save_config
+from re2g.config import CONFIG_FILENAME, Re2GConfig, config_to_yaml, load_config, save_config
 from re2g.errors import Re2GError
 from re2g.layout import RunLayout, join
 
@@ -44,6 +44,9 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[Re2GConfig, Run
             json.dump(manifest, f, indent=2, default=str)
         if "://" not in cfg.run_dir:
             save_config(cfg, cfg.run_dir)
+        else:  # s3://, gs://, file:// run directories keep their config too
+            with fsspec.open(join(cfg.run_dir, CONFIG_FILENAME), "w", auto_mkdir=True) as f:
+                f.write(config_to_yaml(cfg))
         print(json.dumps({"job": name, "seconds": manifest["seconds"], "outputs": outputs}, default=str))
         return 0
     except Re2GError as e:
