@@ -26,7 +26,8 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
 KUBERAY = {k: CLUSTER / "kuberay" / f"{k}.yaml" for k in ("raycluster", "rayjob", "rayservice")}
 TRAINING_TYPES = ("gpu_8x",)
-SERVE_DEPLOYMENTS = ("Ingress", "Retriever", "Reranker", "Generator")  # planned names (serving issue)
+SERVE_DEPLOYMENTS = ("Ingress", "Retriever", "Reranker", "Generator")  # serve/app.py's deployments
+IMAGE_REPO = "/home/ray/re2g"
 
 
 def _load(path: Path) -> dict:
@@ -147,6 +148,13 @@ def test_kuberay_manifests_parse_and_agree():
         for name, g in _groups(other).items():
             assert _without_replicas(g) == _without_replicas(groups[name]), name
     assert set(_groups(rs["spec"]["rayClusterConfig"])) == {"serve-gpu", "index-mem"}
+    # every pod mounts the shared run-dir volume at /mnt/re2g
+    for spec in (cluster, rj["spec"]["rayClusterSpec"], rs["spec"]["rayClusterConfig"]):
+        for pod in [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
+            vols = {v["name"]: v for v in pod["volumes"]}
+            assert vols["runs"]["persistentVolumeClaim"]["claimName"] == "re2g-runs"
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts["runs"] == "/mnt/re2g"
     assert set(_groups(rj["spec"]["rayClusterSpec"])) == {"gpu-8x", "index-mem"}
 
 
@@ -192,7 +200,14 @@ def test_rayservice_serve_config_passes_serve_schema():
     assert not unknown, unknown
     (app,) = schema.applications
     assert app.import_path == "serve.app:build_app"
-    assert (ROOT / app.args["config"]).exists()
+    # the config path is the image's copy of this repository (cluster/Dockerfile: /home/ray/re2g)
+    assert app.args["config"].startswith(IMAGE_REPO + "/")
+    assert (ROOT / app.args["config"][len(IMAGE_REPO) + 1:]).exists(), app.args["config"]
+    assert app.args["run_dir"].startswith("/mnt/re2g/"), "the shared volume every pod mounts"
+    if importlib.util.find_spec("serve.app") is not None:
+        from serve.app import AppArgs
+
+        AppArgs.model_validate(app.args)                  # the builder's own argument model
     assert [d.name for d in app.deployments] == list(SERVE_DEPLOYMENTS)
     for d in raw["applications"][0]["deployments"]:
         # every replica on a serving node; autoscaling rather than a fixed count
