@@ -151,3 +151,53 @@ def test_saved_dpr_loads_with_same_scores(dpr_result, run_cfg, inputs):
     in_memory = dpr_result.run.metrics["probe"]  # computed inside the worker, before saving
     stage = DPRStage(cfg.models, inputs.tokenizer, inputs.passages, _dev(cfg, inputs, cfg.train.dpr), 1.0)
     assert stage.probe(model) == pytest.approx(in_memory, rel=1e-5, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- reranker and joint (slow)
+# Measured here (tiny models from scratch, BM25 top-12 candidates, 2 workers, ZeRO-2):
+#   reranker, 4 epochs, 4 lists/worker, lr 1e-3, 250 steps (~100 s): dev R@1 0.028 -> 0.157,
+#     R@5 0.426 -> 0.602 -- learning, but still below BM25's own order (R@1 0.324): NOT yet the
+#     issue's target (a reranker that beats the retriever order); longer runs (8 epochs, lr 5e-4)
+#     did not get there either.
+#   joint, 3 epochs, lists of 8, lr 2e-3 / 5e-4 (~110 s): retriever R@5 0.000 -> 0.019,
+#     R@20 0.019 -> 0.102.
+
+RERANKER = ["train.reranker.epochs=4", "train.reranker.batch_size=4", "train.reranker.lr=1e-3",
+            "train.reranker.log_every=50"]
+JOINT = ["train.joint.epochs=3", "train.joint.batch_size=4", "train.joint.lr=2e-3", "train.joint.reranker_lr=5e-4",
+         "train.joint.log_every=50"]
+
+
+@pytest.mark.slow
+def test_reranker_learns_on_hybrid_candidates(run_cfg, inputs):
+    from re2g.models.reranker import CrossEncoder
+    from re2g.train.api import train_reranker
+
+    r = train_reranker(run_cfg(*RERANKER), inputs=inputs)
+    assert r.after["reranker"]["recall@1"] > r.before["reranker"]["recall@1"] + 0.05
+    assert r.after["reranker"]["mrr@10"] > r.before["reranker"]["mrr@10"]
+    assert "retriever order" in r.before and r.data["lists"]["kept"] > 400
+    # the saved reranker gives the worker's in-memory scores
+    from re2g.train.stages import RerankerStage
+
+    stage = RerankerStage(None, None, inputs.passages, _reranker_dev(run_cfg, inputs), 1.0)
+    assert stage.probe(CrossEncoder.from_pretrained(r.model_dir)) == pytest.approx(r.run.metrics["probe"],
+                                                                                  rel=1e-4, abs=1e-4)
+
+
+def _reranker_dev(run_cfg, inputs):
+    from re2g.train.api import _dev, candidates
+
+    cfg = run_cfg(*RERANKER)
+    return _dev(cfg, inputs, cfg.train.reranker, candidates(cfg, inputs, "dev"))
+
+
+@pytest.mark.slow
+def test_joint_training_raises_retriever_recall(run_cfg, inputs):
+    from re2g.train.api import train_joint
+
+    r = train_joint(run_cfg(*JOINT), inputs=inputs)
+    before, after = r.before["joint-retriever"], r.after["joint-retriever"]
+    assert after["recall@20"] > before["recall@20"] + 0.03
+    assert after["recall@5"] >= before["recall@5"]
+    assert (Path(r.model_dir) / "biencoder").is_dir() and (Path(r.model_dir) / "reranker").is_dir()
