@@ -1,0 +1,546 @@
+"""The HTTP layer: a FastAPI app over a :class:`Backend` (the deployments' handles in Serve; a fake in
+unit tests). The ingress deployment builds it with :func:`create_api` in each replica.
+
+Routes::
+
+    GET  /                  the web page (serve/static/index.html)
+    GET  /docs              API reference rendered from the OpenAPI document (no CDN)
+    GET  /openapi.json      the OpenAPI document
+    GET  /healthz           200 when every deployment answers its health check, else 503
+    GET  /v1/info           limits and defaults of this deployment
+    POST /v1/answer         retrieve -> rerank -> generate for one query
+    POST /v1/answer:batch   the same for many queries, as one batch
+    POST /v1/retrieve       fused DPR + BM25 candidates
+    POST /v1/rerank         cross-encoder scores of given passages
+
+Every error is JSON (:class:`serve.schemas.ErrorResponse`): 400 a body that is not JSON, 401 a missing or
+wrong API key, 413 a body over ``max_body_bytes``, 415 a non-JSON content type, 422 a field that is
+wrong (named, with the reason), 503 (+ ``Retry-After``) when the queues are full or a deployment is
+down, 504 past the deadline. ``curl -d`` sends ``application/x-www-form-urlencoded``; the API reads
+such bodies (and bodies without a content type) as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from re2g.types import Hit
+from serve.metrics import IngressMetrics
+from serve.schemas import (
+    AnswerRequest,
+    AnswerResponse,
+    BatchAnswerRequest,
+    BatchAnswerResponse,
+    CandidateOut,
+    ComponentHealth,
+    ErrorResponse,
+    FieldError,
+    HealthResponse,
+    HitOut,
+    InfoResponse,
+    ProvenanceOut,
+    RerankedOut,
+    RerankRequest,
+    RerankResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+    Timings,
+)
+
+log = logging.getLogger("re2g.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+KNOWN_ROUTES = frozenset({"/", "/docs", "/openapi.json", "/healthz", "/v1/info", "/v1/answer", "/v1/answer:batch",
+                          "/v1/retrieve", "/v1/rerank"})
+JSON_TYPES = ("application/json",)
+READ_AS_JSON = ("", "application/x-www-form-urlencoded", "text/plain")   # curl -d, fetch with a string body
+
+
+@dataclass
+class ApiSettings:
+    """What the HTTP layer enforces (from ``cfg.serve`` and the run's retrieval settings)."""
+
+    app_name: str = "re2g"
+    api_key: str | None = None
+    api_key_header: str = "X-API-Key"
+    cors_origins: Sequence[str] = ()
+    max_body_bytes: int = 65536
+    max_query_tokens: int = 64
+    request_timeout_s: float = 30.0
+    retry_after_s: float = 1.0
+    max_batch_queries: int = 32
+    retrieve_k: int = 24           # candidates the retrievers return (dpr_top_k + bm25_top_k)
+    default_n_docs: int = 5        # retrieval.rerank_top_k
+    max_n_docs: int = 20
+    batching: bool = True
+
+
+class Backend(Protocol):
+    """The three stages as awaitables (one query, or many as one batch), health, and token counting."""
+
+    async def retrieve(self, query: str) -> list[Hit]: ...
+
+    async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]: ...
+
+    async def rerank(self, query: str, hits: list[Hit], top_k: int | None) -> list: ...
+
+    async def rerank_many(self, queries: list[str], hits: list[list[Hit]], top_k: int | None) -> list[list]: ...
+
+    async def generate(self, query: str, reranked: list) -> Any: ...
+
+    async def generate_many(self, queries: list[str], reranked: list[list]) -> list: ...
+
+    async def health(self) -> dict[str, dict]: ...
+
+    def count_tokens(self, query: str) -> int: ...
+
+
+class ApiError(Exception):
+    """An error answered as JSON with ``status``, an error code, a message and the fields at fault."""
+
+    def __init__(self, status: int, error: str, message: str, errors: Sequence[tuple[str, str]] = (),
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.errors = [FieldError(field=f, reason=r) for f, r in errors]
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=self.error, message=self.message, errors=self.errors)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+def bad_field(name: str, reason: str, status: int = 422) -> ApiError:
+    return ApiError(status, "invalid_request", f"{name}: {reason}", [(name, reason)])
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+def _route_path(scope: dict) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+async def _send_error(scope, receive, send, err: ApiError) -> None:
+    await err.response()(scope, receive, send)
+
+
+class GuardMiddleware:
+    """API key (``/v1/*``), body size limit, content type, and the request counter -- before routing.
+
+    The whole body of a POST is read here (at most ``max_body_bytes``; a larger ``Content-Length`` is
+    refused before reading) and handed on, so a slow or huge upload never reaches the app."""
+
+    def __init__(self, app, settings: ApiSettings, metrics: IngressMetrics):
+        self.app = app
+        self.s = settings
+        self.metrics = metrics
+        self._key = settings.api_key.encode() if settings.api_key else None
+        self._header = settings.api_key_header.lower().encode("latin-1")
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        given = None
+        for k, v in headers:
+            if k == self._header:
+                given = v.strip()
+            elif k == b"authorization" and given is None and v[:7].lower() == b"bearer ":
+                given = v[7:].strip()
+        return given is not None and hmac.compare_digest(given, self._key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = _route_path(scope)
+        route = path if path in KNOWN_ROUTES else "other"
+        status_seen: list[int] = []
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status_seen.append(int(message["status"]))
+            await send(message)
+
+        try:
+            err = None
+            headers = scope.get("headers") or []
+            if self._key is not None and path.startswith("/v1/") and scope.get("method") != "OPTIONS" \
+                    and not self._authorized(headers):
+                err = ApiError(401, "unauthorized", f"missing or wrong API key: send it in the "
+                               f"{self.s.api_key_header} header (or Authorization: Bearer KEY)",
+                               [(self.s.api_key_header, "missing or wrong API key")],
+                               headers={"WWW-Authenticate": f'ApiKey header="{self.s.api_key_header}"'})
+            elif scope.get("method") in ("POST", "PUT", "PATCH"):
+                err, receive = await self._read_body(scope, receive, path)
+            if err is not None:
+                await _send_error(scope, receive, send_wrapper, err)
+                return
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.request(route, status_seen[0] if status_seen else 499)
+
+    async def _read_body(self, scope, receive, path: str):
+        limit = self.s.max_body_bytes
+        too_large = ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes",
+                             [("body", f"larger than {limit} bytes")])
+        headers = list(scope.get("headers") or [])
+        for k, v in headers:
+            if k == b"content-length":
+                try:
+                    if int(v) > limit:
+                        return too_large, receive
+                except ValueError:
+                    return ApiError(400, "invalid_request", "Content-Length is not a number",
+                                    [("content-length", "not a number")]), receive
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return ApiError(400, "invalid_request", "client disconnected"), receive
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return too_large, receive
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        data = b"".join(chunks)
+        if path.startswith("/v1/"):
+            ctype = next((v.decode("latin-1") for k, v in headers if k == b"content-type"), "")
+            base = ctype.split(";")[0].strip().lower()
+            if base in READ_AS_JSON:
+                headers = [(k, v) for k, v in headers if k != b"content-type"] + \
+                          [(b"content-type", b"application/json")]
+                scope["headers"] = headers
+            elif not (base in JSON_TYPES or base.endswith("+json")):
+                return ApiError(415, "unsupported_media_type", f"the body must be JSON, got {ctype!r}",
+                                [("content-type", f"expected application/json, got {ctype!r}")]), receive
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        return None, replay
+
+
+# --------------------------------------------------------------------------- validation errors
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "body"
+
+
+def _reason(e: dict) -> str:
+    t, msg = e.get("type", ""), str(e.get("msg", ""))
+    if t == "missing":
+        return "required"
+    if t == "extra_forbidden":
+        return "unknown field"
+    if t in ("model_attributes_type", "dict_type", "model_type"):
+        return "expected a JSON object"
+    return msg.removeprefix("Value error, ")
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's validation errors as one :class:`ApiError`: 400 for a body that is not JSON, else 422."""
+    errs = exc.errors()
+    bad_json = next((e for e in errs if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        ctx = bad_json.get("ctx") or {}
+        pos = bad_json["loc"][1] if len(bad_json.get("loc", ())) > 1 else "?"
+        reason = f"not valid JSON: {ctx.get('error', 'decode error')} at character {pos}"
+        return ApiError(400, "invalid_json", f"body: {reason}", [("body", reason)])
+    fields = []
+    for e in errs:
+        loc = e.get("loc", ())
+        if loc and loc[0] not in ("body",):      # query/path/header parameters: keep their kind
+            fields.append((".".join(str(p) for p in loc), _reason(e)))
+        else:
+            fields.append((_field_name(loc), _reason(e)))
+    if not fields:
+        fields = [("body", "invalid")]
+    message = "; ".join(f"{f}: {r}" for f, r in fields)
+    return ApiError(422, "invalid_request", message, fields)
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _num(x: Any) -> float | None:
+    """JSON-safe float: None for None, NaN and infinities."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def hit_out(h: Hit) -> HitOut:
+    return HitOut(pid=h.pid, title=h.title, text=h.text, wikipedia_id=h.wikipedia_id, source=h.source,
+                  score=_num(h.score) or 0.0, rank=h.rank)
+
+
+def reranked_out(h: Any, given: bool = False) -> RerankedOut:
+    return RerankedOut(pid=h.pid, title=h.title, text=h.text, wikipedia_id=h.wikipedia_id,
+                       source=None if given else h.source, score=None if given else _num(h.score), rank=h.rank,
+                       rerank_score=_num(h.rerank_score) or 0.0, rerank_rank=h.rerank_rank)
+
+
+def answer_out(a: Any, timings: Timings, return_passages: bool = True) -> AnswerResponse:
+    """``re2g.models.decoding.Answer`` -> :class:`AnswerResponse`."""
+    return AnswerResponse(
+        query=a.query, answer=a.answer,
+        candidates=[CandidateOut(text=c.text, logprob=_num(c.logprob)) for c in a.candidates],
+        provenance=[ProvenanceOut(pid=p.pid, title=p.title, text=p.text if return_passages else None,
+                                  wikipedia_id=p.wikipedia_id, source=p.source,
+                                  retrieval_score=_num(p.retrieval_score), rerank_score=_num(p.rerank_score),
+                                  weight=_num(p.weight) or 0.0) for p in a.provenance],
+        timings=timings)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the body is not JSON"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    413: {"model": ErrorResponse, "description": "the body is too large"},
+    415: {"model": ErrorResponse, "description": "the body is not JSON (content type)"},
+    422: {"model": ErrorResponse, "description": "a field is wrong (named in errors[].field)"},
+    503: {"model": ErrorResponse, "description": "queues full (see Retry-After) or a deployment unavailable"},
+    504: {"model": ErrorResponse, "description": "the deadline passed"},
+}
+
+
+def _serve_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(back-pressure errors, unavailable errors) of Ray Serve / Ray, if importable."""
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+        return (BackPressureError,), (DeploymentUnavailableError, RayActorError, ActorDiedError,
+                                      ActorUnavailableError, RequestCancelledError)
+    except ImportError:  # pragma: no cover
+        return (), ()
+
+
+def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetrics | None = None) -> FastAPI:
+    """The FastAPI app of the ingress, over ``backend``."""
+    from serve.docs import render_docs
+
+    s = settings
+    metrics = metrics or IngressMetrics()
+    backpressure, unavailable = _serve_errors()
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    app = FastAPI(title="re2g", version="1", docs_url=None, redoc_url=None,
+                  description="Re2G on Ray Serve: retrieve (DPR + BM25), rerank (cross-encoder), generate (BART) "
+                  "with provenance.")
+
+    # ---- errors: always JSON
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return ApiError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        log.exception("internal error")
+        return ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the ingress logs").response()
+
+    async def guarded(timeout_s: float | None, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``work`` under the deadline; Serve's overload and failure errors become 503, the deadline 504."""
+        timeout = min(float(timeout_s), s.request_timeout_s) if timeout_s is not None else s.request_timeout_s
+        try:
+            return await asyncio.wait_for(work(), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(504, "deadline_exceeded", f"no result within the deadline of {timeout:g} s "
+                           "(retry later, or with a larger timeout_s)") from None
+        except backpressure as e:
+            retry = getattr(e, "retry_after_s", None) or s.retry_after_s
+            raise ApiError(503, "overloaded", "every replica is busy and the queue is full; retry later",
+                           headers={"Retry-After": str(max(1, math.ceil(retry)))}) from None
+        except unavailable as e:
+            raise ApiError(503, "unavailable", f"a deployment is unavailable ({type(e).__name__}); retry later",
+                           headers={"Retry-After": str(max(1, math.ceil(s.retry_after_s)))}) from None
+
+    def check_query(q: str, name: str = "query") -> str:
+        n = backend.count_tokens(q)
+        if n > s.max_query_tokens:
+            raise bad_field(name, f"has {n} tokens; the limit is {s.max_query_tokens}")
+        return q.strip()
+
+    def depths(top_k: int | None, n_docs: int | None) -> tuple[int, int]:
+        if top_k is not None and top_k > s.retrieve_k:
+            raise bad_field("top_k", f"must be <= {s.retrieve_k} (the retrievers return "
+                            f"retrieval.dpr_top_k + retrieval.bm25_top_k = {s.retrieve_k} candidates)")
+        k = s.retrieve_k if top_k is None else top_k
+        if n_docs is not None and n_docs > s.max_n_docs:
+            raise bad_field("n_docs", f"must be <= {s.max_n_docs}")
+        if n_docs is not None and n_docs > k:
+            raise bad_field("n_docs", f"must be <= top_k ({k})")
+        return k, min(s.default_n_docs, k) if n_docs is None else n_docs
+
+    def timings(t: Sequence[float]) -> Timings:
+        names = ("retrieve", "rerank", "generate")
+        out = {n: b - a for n, a, b in zip(names, t, t[1:])}
+        out["total"] = t[-1] - t[0]
+        for n, v in out.items():
+            metrics.stage(n, v)
+        return Timings(**out)
+
+    # ---- pages
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_docs(app.openapi()))
+
+    @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
+             summary="Health of every deployment")
+    async def healthz() -> JSONResponse:
+        """200 when the retriever, reranker and generator all pass their health check, else 503."""
+        try:
+            comps = await asyncio.wait_for(backend.health(), min(10.0, s.request_timeout_s))
+        except (asyncio.TimeoutError, TimeoutError):
+            comps = {"backend": {"ok": False, "detail": "health checks did not answer within 10 s"}}
+        body = HealthResponse(status="ok" if all(c.get("ok") for c in comps.values()) else "unhealthy",
+                              components={k: ComponentHealth(**v) for k, v in comps.items()})
+        return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
+
+    @app.get("/v1/info", response_model=InfoResponse, responses={401: ERROR_RESPONSES[401]},
+             summary="Limits and defaults")
+    async def info() -> InfoResponse:
+        return InfoResponse(app=s.app_name, auth_required=s.api_key is not None, api_key_header=s.api_key_header,
+                            retrieve_k=s.retrieve_k, default_n_docs=s.default_n_docs, max_n_docs=s.max_n_docs,
+                            max_query_tokens=s.max_query_tokens, max_batch_queries=s.max_batch_queries,
+                            request_timeout_s=s.request_timeout_s, batching=s.batching)
+
+    # ---- the API
+
+    @app.post("/v1/answer", response_model=AnswerResponse, responses=ERROR_RESPONSES, summary="Answer a query")
+    async def answer(req: AnswerRequest) -> AnswerResponse:
+        """Retrieve (DPR + BM25, fused), rerank (cross-encoder), generate (BART over the top ``n_docs``
+        passages, weighted by softmax of the rerank scores). Returns the answer, candidate answers with
+        log-probabilities, the provenance passages with their scores, and seconds per stage."""
+        q = check_query(req.query)
+        k, n_docs = depths(req.top_k, req.n_docs)
+
+        async def work():
+            t = [time.perf_counter()]
+            hits = (await backend.retrieve(q))[:k]
+            t.append(time.perf_counter())
+            reranked = await backend.rerank(q, hits, n_docs)
+            t.append(time.perf_counter())
+            ans = await backend.generate(q, reranked)
+            t.append(time.perf_counter())
+            return answer_out(ans, timings(t), req.return_passages)
+
+        return await guarded(req.timeout_s, work)
+
+    @app.post("/v1/answer:batch", response_model=BatchAnswerResponse, responses=ERROR_RESPONSES,
+              summary="Answer many queries as one batch")
+    async def answer_batch(req: BatchAnswerRequest) -> BatchAnswerResponse:
+        """``/v1/answer`` for every query; each stage runs once for the whole list. Answers are in the
+        order of ``queries``; the timings are the batch's."""
+        if len(req.queries) > s.max_batch_queries:
+            raise bad_field("queries", f"at most {s.max_batch_queries} queries per request "
+                            f"(got {len(req.queries)})")
+        qs = [check_query(q, f"queries[{i}]") for i, q in enumerate(req.queries)]
+        k, n_docs = depths(req.top_k, req.n_docs)
+
+        async def work():
+            t = [time.perf_counter()]
+            hits = [h[:k] for h in await backend.retrieve_many(qs)]
+            t.append(time.perf_counter())
+            reranked = await backend.rerank_many(qs, hits, n_docs)
+            t.append(time.perf_counter())
+            answers = await backend.generate_many(qs, reranked)
+            t.append(time.perf_counter())
+            tm = timings(t)
+            return BatchAnswerResponse(answers=[answer_out(a, tm, req.return_passages) for a in answers], timings=tm)
+
+        return await guarded(req.timeout_s, work)
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERROR_RESPONSES,
+              summary="Retrieve candidates")
+    async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
+        """DPR and BM25 candidates for the query, fused (``retrieval.fusion``) and deduplicated, best first."""
+        q = check_query(req.query)
+        k, _ = depths(req.top_k, 1)
+
+        async def work():
+            t0 = time.perf_counter()
+            hits = (await backend.retrieve(q))[:k]
+            dt = time.perf_counter() - t0
+            metrics.stage("retrieve", dt)
+            return RetrieveResponse(query=q, hits=[hit_out(h) for h in hits], timings=Timings(retrieve=dt, total=dt))
+
+        return await guarded(req.timeout_s, work)
+
+    @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
+              summary="Rerank given passages")
+    async def rerank(req: RerankRequest) -> RerankResponse:
+        """Score each passage against the query with the cross-encoder; best first, the first ``top_k``."""
+        q = check_query(req.query)
+        hits = [Hit(pid=p.pid if p.pid is not None else str(i), score=0.0, rank=i, source="rerank",
+                    title=p.title, text=p.text) for i, p in enumerate(req.passages)]
+
+        async def work():
+            t0 = time.perf_counter()
+            ranked = await backend.rerank(q, hits, req.top_k)
+            dt = time.perf_counter() - t0
+            metrics.stage("rerank", dt)
+            return RerankResponse(query=q, passages=[reranked_out(h, given=True) for h in ranked],
+                                  timings=Timings(rerank=dt, total=dt))
+
+        return await guarded(req.timeout_s, work)
+
+    # ---- outermost first: CORS (so 401/413 answers carry its headers too), then the guard
+    app.add_middleware(GuardMiddleware, settings=s, metrics=metrics)
+    if s.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(s.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["content-type", "authorization", s.api_key_header.lower()],
+                           max_age=600)
+    return app
+

@@ -1,0 +1,460 @@
+"""The Ray Serve application: ``Retriever``, ``Reranker`` and ``Generator`` deployments composed by a
+FastAPI ``Ingress`` through DeploymentHandles.
+
+```
+HTTP ─ proxy ─ Ingress (FastAPI: validation, auth, limits, deadline) ─┬─ Retriever  query encoder + dense shards + BM25 + fusion
+                                                                      ├─ Reranker   cross-encoder
+                                                                      └─ Generator  BART, RAG-Sequence/Token decoding
+```
+
+Each model deployment is a thin wrapper over re2g's :class:`re2g.pipeline.Re2GPipeline` stage that it
+holds (``retrieve`` / ``rerank`` / ``generate``): the same code as the in-process reference path. Each
+has its own replicas (autoscaling), resources (fractional CPUs, GPUs where configured) and
+``max_ongoing_requests`` from ``cfg.serve`` (:class:`re2g.config.ServeConfig`), and dynamic batching
+(``@serve.batch``) whose size and wait come in the ``user_config`` (so ``serve/config.yaml`` or a
+redeploy can change them live; ``max_batch_size: 1`` turns batching off). Model work runs on one
+thread per replica, off the replica's event loop, so a batch fills while the previous one computes.
+
+Run it:
+
+* ``re2g serve RUN_DIR`` (``serve.cli.serve_command``): local Ray, prints the URL, blocks until Ctrl-C;
+* ``serve run serve.app:build_app run_dir=RUN_DIR``, or ``serve run serve/config.yaml`` / ``serve deploy``
+  (``import_path: serve.app:build_app``, ``args: {run_dir, config, overrides}``).
+
+At build time :func:`build_app` checks the run directory on files (``serve.components.preflight``), so a
+bad run fails at once; each replica then loads its piece, checks its vocabulary, and runs one probe
+before it takes traffic. ``check_health`` probes again when a replica has been idle, so a broken piece
+(a dead JVM, a lost shard actor, NaN scores) takes the replica out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from re2g.config import Re2GConfig, ServeConfig, ServeDeploymentConfig
+from re2g.pipeline import Re2GPipeline, RerankedHit
+from re2g.types import Hit
+from serve.components import (
+    RunPieces,
+    load_generator,
+    load_query_tokenizer,
+    load_reranker,
+    load_retriever,
+    preflight,
+    resolve_config,
+)
+from serve.metrics import ComponentMetrics
+
+log = logging.getLogger("re2g.serve")
+
+DEFAULT_RUN_DIR = "runs/quickstart"
+DEPLOYMENT_NAMES = ("Retriever", "Reranker", "Generator", "Ingress")
+
+
+# --------------------------------------------------------------------------- shared plumbing
+
+
+def batch_user_config(d: ServeDeploymentConfig, batching: bool) -> dict:
+    """The ``user_config`` of a model deployment: its dynamic-batching settings."""
+    return {"max_batch_size": d.max_batch_size if batching else 1, "batch_wait_timeout_s": d.batch_wait_timeout_s}
+
+
+def _stage_cfg(cfg: Re2GConfig, keep_generator: bool) -> Re2GConfig:
+    """The config a one-stage pipeline is built with (separators only matter where the generator is)."""
+    if keep_generator:
+        return cfg
+    g = cfg.generation.model_copy(update={"title_sep": None, "query_sep": None})
+    return cfg.model_copy(update={"generation": g})
+
+
+class _Stage:
+    """What the three model deployments share: the compute thread, batching settings, metrics and health.
+
+    ``_probe`` (per deployment) runs a tiny input through the loaded piece and raises when it is broken.
+    """
+
+    stage = "stage"
+
+    def _init_stage(self, run_dir: str, cfg: dict, dcfg_name: str) -> RunPieces:
+        from re2g.runtime import pick_device
+
+        self.cfg = Re2GConfig.model_validate(cfg)
+        s = self.cfg.serve
+        self.dcfg: ServeDeploymentConfig = getattr(s, dcfg_name)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"re2g-{self.stage}")
+        self._busy = 0
+        self._last_ok = 0.0
+        self._period = s.health_check_period_s
+        self._probe_timeout = max(1.0, 0.8 * s.health_check_timeout_s)
+        self.metrics = ComponentMetrics(self.stage)
+        self.device = pick_device(self.cfg.device)
+        self._in_thread(_set_threads, self.dcfg.num_cpus)
+        self.reconfigure(batch_user_config(self.dcfg, s.batching))
+        return preflight(run_dir, self.cfg)
+
+    def _in_thread(self, fn, *args, **kwargs):
+        """Run ``fn`` on the compute thread and wait (loading, warm-up)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    async def _compute(self, n: int, fn, *args):
+        """Run ``fn(*args)`` on the compute thread without blocking the event loop; record metrics."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        self._busy += 1
+        try:
+            out = await loop.run_in_executor(self._pool, fn, *args)
+        finally:
+            self._busy -= 1
+        self._last_ok = time.monotonic()
+        self.metrics.observe(n, time.perf_counter() - t0)
+        return out
+
+    def _batcher(self):
+        raise NotImplementedError
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with the deployment's ``user_config``: the dynamic-batching settings."""
+        b = self._batcher()
+        if "max_batch_size" in user_config:
+            b.set_max_batch_size(max(1, int(user_config["max_batch_size"])))
+        if "batch_wait_timeout_s" in user_config:
+            b.set_batch_wait_timeout_s(max(0.0, float(user_config["batch_wait_timeout_s"])))
+
+    def _probe(self) -> None:
+        raise NotImplementedError
+
+    async def check_health(self) -> None:
+        """Raise when the piece is broken. A replica that computed recently, or is computing now, is
+        alive; an idle one runs :meth:`_probe` (bounded by the health-check timeout)."""
+        if self._busy or (self._last_ok and time.monotonic() - self._last_ok < self._period):
+            return
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.run_in_executor(self._pool, self._probe), self._probe_timeout)
+        self._last_ok = time.monotonic()
+
+    async def health(self) -> dict:
+        """For ``/healthz``: ``{"ok": bool, "detail": str}`` (never raises)."""
+        try:
+            await self.check_health()
+            return {"ok": True, "detail": self._describe()}
+        except Exception as e:
+            return {"ok": False, "detail": f"{type(e).__name__}: {e}"}
+
+    def _describe(self) -> str:
+        return f"{self.stage} on {self.device}"
+
+
+def _set_threads(num_cpus: float) -> None:
+    """Torch intra-op threads = the CPUs this replica reserved (at least 1): replicas share the machine."""
+    import torch
+
+    torch.set_num_threads(max(1, math.ceil(num_cpus)))
+
+
+def _finite(values) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
+
+
+# --------------------------------------------------------------------------- model deployments
+
+
+@serve.deployment(name="Retriever")
+class Retriever(_Stage):
+    """Query encoder + dense shards (in the replica, or in shard actors shared by all replicas) + BM25,
+    fused as ``cfg.retrieval`` says. ``retrieve`` is dynamically batched: one encoder pass, one dense
+    search and one BM25 batch search for all queries of a batch."""
+
+    stage = "retrieve"
+
+    def __init__(self, run_dir: str, cfg: dict):
+        pieces = self._init_stage(run_dir, cfg, "retriever")
+        s = self.cfg.serve
+        shard_actors = s.shard_actors if s.shard_actors is not None else self.cfg.index.shard_actors
+        self.loaded = self._in_thread(load_retriever, pieces, self.cfg, self.device, shard_actors=shard_actors)
+        self.pipe = Re2GPipeline(self.loaded.retriever, None, None, _stage_cfg(self.cfg, False),
+                                 retrieve_k=self.loaded.retrieve_k)
+        self._in_thread(self._probe)      # starts the JVM and faiss; fails here, clearly, if a piece is broken
+
+    def _batcher(self):
+        return self._retrieve_batch
+
+    async def retrieve(self, query: str) -> list[Hit]:
+        """Fused, deduplicated candidates for one query, best first (batched with concurrent calls)."""
+        return await self._retrieve_batch(query)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _retrieve_batch(self, queries: list[str]) -> list[list[Hit]]:
+        return await self._compute(len(queries), self.pipe.retrieve, queries)
+
+    async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
+        """Candidates for a list of queries, computed as one batch (``/v1/answer:batch``)."""
+        return await self._compute(len(queries), self.pipe.retrieve, list(queries))
+
+    def _probe(self) -> None:
+        import ray
+
+        idx = self.loaded.dense_index
+        if idx is not None and hasattr(idx, "actors"):
+            ray.get([a.ready.remote() for a in idx.actors], timeout=self._probe_timeout)
+        hits = self.pipe.retrieve(["health check"])[0]
+        if not _finite(h.score for h in hits):
+            raise RuntimeError("the retriever returned non-finite scores")
+        if self.loaded.dense_index is not None and self.cfg.retrieval.dpr_top_k > 0 \
+                and not any(h.source == "dpr" for h in hits):
+            raise RuntimeError("the dense index returned no hit")
+
+    def _describe(self) -> str:
+        parts = []
+        if self.loaded.dense_index is not None:
+            kind = "shard actors" if hasattr(self.loaded.dense_index, "actors") else "in-replica shards"
+            parts.append(f"dense ({len(self.loaded.dense_index)} passages, {kind})")
+        if self.loaded.bm25 is not None:
+            parts.append("bm25")
+        return f"{' + '.join(parts)}, k={self.loaded.retrieve_k}, on {self.device}"
+
+
+@serve.deployment(name="Reranker")
+class Reranker(_Stage):
+    """The cross-encoder. ``rerank`` is dynamically batched: the (query, passage) pairs of every
+    request in a batch are scored together."""
+
+    stage = "rerank"
+
+    def __init__(self, run_dir: str, cfg: dict):
+        pieces = self._init_stage(run_dir, cfg, "reranker")
+        model = self._in_thread(load_reranker, pieces, self.cfg, self.device)
+        self.pipe = Re2GPipeline(None, model, None, _stage_cfg(self.cfg, False))
+        self._in_thread(self._probe)
+
+    def _batcher(self):
+        return self._rerank_batch
+
+    def _rank(self, queries: list[str], hits: list[list[Hit]]) -> list[list[RerankedHit]]:
+        return self.pipe.rerank(queries, hits, top_k=max([len(h) for h in hits] + [1]))
+
+    async def rerank(self, query: str, hits: list[Hit], top_k: int | None = None) -> list[RerankedHit]:
+        """``hits`` sorted by the cross-encoder's score, best first, the first ``top_k`` (None: all)."""
+        ranked = await self._rerank_batch(query, list(hits))
+        return ranked if top_k is None else ranked[:top_k]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _rerank_batch(self, queries: list[str], hits: list[list[Hit]]) -> list[list[RerankedHit]]:
+        return await self._compute(len(queries), self._rank, queries, hits)
+
+    async def rerank_many(self, queries: list[str], hits: list[list[Hit]],
+                          top_k: int | None = None) -> list[list[RerankedHit]]:
+        """:meth:`rerank` for a list of queries, computed as one batch."""
+        ranked = await self._compute(len(queries), self._rank, list(queries), [list(h) for h in hits])
+        return ranked if top_k is None else [r[:top_k] for r in ranked]
+
+    def _probe(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            z = self.pipe.reranker.score_pairs(["health check"], ["re2g"], ["a passage to score"], batch_size=1)
+        if not _finite(z.float().cpu().tolist()):
+            raise RuntimeError("the reranker returned a non-finite score")
+
+
+@serve.deployment(name="Generator")
+class Generator(_Stage):
+    """BART with RAG-Sequence or RAG-Token decoding (``cfg.generation``). ``generate`` is dynamically
+    batched: beam search runs on the sources of every request in a batch together."""
+
+    stage = "generate"
+
+    def __init__(self, run_dir: str, cfg: dict):
+        pieces = self._init_stage(run_dir, cfg, "generator")
+        model = self._in_thread(load_generator, pieces, self.cfg, self.device)
+        self.pipe = Re2GPipeline(None, None, model, self.cfg)
+        self._in_thread(self._probe)
+
+    def _batcher(self):
+        return self._generate_batch
+
+    async def generate(self, query: str, reranked: list[RerankedHit]):
+        """The :class:`re2g.models.decoding.Answer` for one query and its reranked passages."""
+        return await self._generate_batch(query, list(reranked))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, queries: list[str], reranked: list[list[RerankedHit]]) -> list:
+        return await self._compute(len(queries), self.pipe.generate, queries, reranked)
+
+    async def generate_many(self, queries: list[str], reranked: list[list[RerankedHit]]) -> list:
+        """Answers for a list of queries, computed as one batch."""
+        return await self._compute(len(queries), self.pipe.generate, list(queries), [list(r) for r in reranked])
+
+    def _probe(self) -> None:
+        import torch
+
+        g = self.pipe.generator
+        enc = g.tokenize_sources(["re2g / a passage // health check"])
+        with torch.inference_mode():
+            out = g.model.get_encoder()(input_ids=enc["input_ids"].to(g.device),
+                                        attention_mask=enc["attention_mask"].to(g.device)).last_hidden_state
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("the generator's encoder returned non-finite values")
+
+
+# --------------------------------------------------------------------------- ingress
+
+
+class HandleBackend:
+    """The API's backend in Serve: the three deployments' handles, and the query tokenizer."""
+
+    def __init__(self, retriever, reranker, generator, tokenizer):
+        self.retriever = retriever
+        self.reranker = reranker
+        self.generator = generator
+        self.tokenizer = tokenizer
+
+    async def retrieve(self, query: str) -> list[Hit]:
+        return await self.retriever.retrieve.remote(query)
+
+    async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
+        return await self.retriever.retrieve_many.remote(queries)
+
+    async def rerank(self, query: str, hits: list[Hit], top_k: int | None) -> list[RerankedHit]:
+        return await self.reranker.rerank.remote(query, hits, top_k)
+
+    async def rerank_many(self, queries, hits, top_k):
+        return await self.reranker.rerank_many.remote(queries, hits, top_k)
+
+    async def generate(self, query: str, reranked: list[RerankedHit]):
+        return await self.generator.generate.remote(query, reranked)
+
+    async def generate_many(self, queries, reranked):
+        return await self.generator.generate_many.remote(queries, reranked)
+
+    async def health(self) -> dict[str, dict]:
+        names = ("retriever", "reranker", "generator")
+        handles = (self.retriever, self.reranker, self.generator)
+        results = await asyncio.gather(*(h.health.remote() for h in handles), return_exceptions=True)
+        return {n: (r if isinstance(r, dict) else {"ok": False, "detail": f"{type(r).__name__}: {r}"})
+                for n, r in zip(names, results)}
+
+    def count_tokens(self, query: str) -> int:
+        return len(self.tokenizer(query)["input_ids"])
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """The HTTP front: the FastAPI app of :mod:`serve.api` over the three deployments' handles. The app
+    is built in the replica (``__serve_build_asgi_app__``), with this deployment's limits, API key and
+    CORS origins."""
+
+    def __init__(self, retriever, reranker, generator, run_dir: str, cfg: dict, api_key: str | None = None):
+        from serve.api import ApiSettings
+        from serve.schemas import MAX_N_DOCS
+
+        self.cfg = Re2GConfig.model_validate(cfg)
+        s, r = self.cfg.serve, self.cfg.retrieval
+        pieces = preflight(run_dir, self.cfg)
+        self.backend = HandleBackend(retriever, reranker, generator, load_query_tokenizer(pieces))
+        retrieve_k = (r.dpr_top_k if pieces.dense_dir else 0) + (r.bm25_top_k if pieces.bm25_dir else 0)
+        self.settings = ApiSettings(
+            app_name=s.app_name, api_key=api_key or None, api_key_header=s.api_key_header,
+            cors_origins=tuple(s.cors_origins), max_body_bytes=s.max_body_bytes,
+            max_query_tokens=s.max_query_tokens or self.cfg.models.query_max_length,
+            request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
+            max_batch_queries=s.max_batch_queries, retrieve_k=max(1, retrieve_k),
+            default_n_docs=r.rerank_top_k, max_n_docs=MAX_N_DOCS, batching=s.batching)
+
+    def __serve_build_asgi_app__(self):
+        from serve.api import create_api
+
+        return create_api(self.backend, self.settings)
+
+
+# --------------------------------------------------------------------------- building the application
+
+
+def deployment_options(d: ServeDeploymentConfig, s: ServeConfig, *, batched: bool = True) -> dict[str, Any]:
+    """Serve options of one deployment from its config section."""
+    actor: dict[str, Any] = {"num_cpus": d.num_cpus}
+    if d.num_gpus:
+        actor["num_gpus"] = d.num_gpus
+    autoscaling: dict[str, Any] = {"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
+                                   "target_ongoing_requests": d.target_ongoing_requests}
+    if d.initial_replicas is not None:
+        autoscaling["initial_replicas"] = d.initial_replicas
+    opts: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "autoscaling_config": autoscaling,
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+        "max_constructor_retry_count": 2,
+    }
+    if batched:
+        opts["user_config"] = batch_user_config(d, s.batching)
+    return opts
+
+
+def resolve_api_key(s: ServeConfig) -> str | None:
+    """``serve.api_key``, else the environment variable ``serve.api_key_env``; None: no authentication."""
+    if s.api_key:
+        return s.api_key
+    if s.api_key_env:
+        return os.environ.get(s.api_key_env) or None
+    return None
+
+
+def bind_app(run_dir: str, cfg: Re2GConfig, *, api_key: str | None = None):
+    """The application graph for a run directory and config (no checks; see :func:`build_app`)."""
+    s = cfg.serve
+    c = cfg.model_dump(mode="json")
+    retriever = Retriever.options(**deployment_options(s.retriever, s)).bind(run_dir, c)
+    reranker = Reranker.options(**deployment_options(s.reranker, s)).bind(run_dir, c)
+    generator = Generator.options(**deployment_options(s.generator, s)).bind(run_dir, c)
+    return Ingress.options(**deployment_options(s.ingress, s, batched=False)).bind(
+        retriever, reranker, generator, run_dir, c, api_key)
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (``serve run serve.app:build_app run_dir=...`` or ``args:`` in the
+    Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(DEFAULT_RUN_DIR, description="the run directory (models, indexes, passages)")
+    config: str | None = Field(None, description="re2g config YAML (default: RUN_DIR/config.yaml)")
+    overrides: list[str] = Field(default_factory=list, description="section.field=value overrides, "
+                                 "e.g. serve.generator.max_replicas=4")
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: check the run directory, then bind the four deployments.
+
+    ``args``: ``run_dir`` (relative paths resolve against the current directory of the process that
+    builds the app), ``config``, ``overrides`` (a list, or one string). Raises
+    :class:`re2g.errors.ArtifactError` / :class:`re2g.errors.ConfigError` with a clear message."""
+    raw = dict(args or {})
+    if isinstance(raw.get("overrides"), str):
+        raw["overrides"] = [raw["overrides"]]
+    a = AppArgs.model_validate(raw)
+    run_dir = str(Path(a.run_dir).expanduser().resolve())
+    cfg = resolve_config(run_dir, a.config, a.overrides)
+    preflight(run_dir, cfg)
+    return bind_app(run_dir, cfg, api_key=resolve_api_key(cfg.serve))
+
+
+def __getattr__(name: str):
+    """``serve.app:app`` -- the application with default settings for ``serve build`` (which needs an
+    Application object, not a builder); ``serve/config.yaml`` is generated from it."""
+    if name == "app":
+        return bind_app(DEFAULT_RUN_DIR, Re2GConfig())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,138 @@
+"""``/docs``: the API reference rendered from the app's OpenAPI document, as one self-contained HTML page.
+
+FastAPI's Swagger UI and ReDoc pages load their scripts from a CDN, which the machines that serve re2g
+cannot reach; this page needs nothing but itself. Each operation shows its method and path, its
+description, the request body's fields (type, required, limits, default, description), the responses,
+and a ``curl`` example. The raw document is at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+EXAMPLES = {
+    "/v1/answer": {"query": "Broushan Stovelain [SEP] place of birth", "n_docs": 3},
+    "/v1/answer:batch": {"queries": ["Broushan Stovelain [SEP] place of birth",
+                                     "Broushan Stovelain [SEP] occupation"]},
+    "/v1/retrieve": {"query": "Broushan Stovelain [SEP] place of birth", "top_k": 5},
+    "/v1/rerank": {"query": "where was Broushan Stovelain born?",
+                   "passages": [{"title": "Broushan Stovelain", "text": "Broushan Stovelain was born in ..."},
+                                {"text": "An unrelated passage."}]},
+}
+
+
+def _ref(doc: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = doc.get("components", {}).get("schemas", {}).get(name, {})
+    return schema
+
+
+def _type(doc: dict, schema: dict) -> str:
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_type(doc, s) for s in schema["anyOf"])
+    t = schema.get("type", "any")
+    if t == "array":
+        return f"array of {_type(doc, schema.get('items', {}))}"
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    return str(t)
+
+
+def _limits(schema: dict) -> str:
+    parts = []
+    for s in [schema] + list(schema.get("anyOf", [])):
+        for key, sym in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"),
+                         ("minLength", "length >="), ("maxLength", "length <="), ("minItems", "items >="),
+                         ("maxItems", "items <=")):
+            if key in s:
+                parts.append(f"{sym} {s[key]}")
+    return ", ".join(dict.fromkeys(parts))
+
+
+def _fields_table(doc: dict, schema: dict) -> str:
+    schema = _ref(doc, schema)
+    props = schema.get("properties", {})
+    if not props:
+        return ""
+    required = set(schema.get("required", []))
+    rows = []
+    for name, p in props.items():
+        default = "" if "default" not in p else json.dumps(p["default"])
+        rows.append("<tr><td><code>{}</code>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+            html.escape(name), " <b>required</b>" if name in required else "", html.escape(_type(doc, p)),
+            html.escape(_limits(p)), html.escape(default), html.escape(p.get("description", ""))))
+    return ("<table><thead><tr><th>field</th><th>type</th><th>limits</th><th>default</th><th>description</th>"
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _operation(doc: dict, path: str, method: str, op: dict) -> str:
+    out = [f'<section class="op" id="{html.escape(method + path)}"><h2><span class="m {method}">'
+           f'{method.upper()}</span> <code>{html.escape(path)}</code> {html.escape(op.get("summary", ""))}</h2>']
+    if op.get("description"):
+        out.append(f"<p>{html.escape(op['description'])}</p>")
+    body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+    if body:
+        name = _type(doc, body)
+        out.append(f"<h3>Request body: {html.escape(name)}</h3>" + _fields_table(doc, body))
+    out.append("<h3>Responses</h3><ul>")
+    for code, r in op.get("responses", {}).items():
+        schema = r.get("content", {}).get("application/json", {}).get("schema")
+        name = f" &mdash; <code>{html.escape(_type(doc, schema))}</code>" if schema else ""
+        out.append(f"<li><b>{html.escape(str(code))}</b> {html.escape(r.get('description', ''))}{name}</li>")
+    out.append("</ul>")
+    if path in EXAMPLES:
+        ex = json.dumps(EXAMPLES[path])
+        out.append(f"<pre>curl -s localhost:8000{html.escape(path)} -d '{html.escape(ex)}'</pre>")
+    elif method == "get":
+        out.append(f"<pre>curl -s localhost:8000{html.escape(path)}</pre>")
+    out.append("</section>")
+    return "".join(out)
+
+
+def _models(doc: dict) -> str:
+    out = []
+    for name, schema in sorted(doc.get("components", {}).get("schemas", {}).items()):
+        if name in ("HTTPValidationError", "ValidationError"):
+            continue
+        desc = html.escape(schema.get("description", "") or "")
+        out.append(f'<section class="model" id="model-{html.escape(name)}"><h3>{html.escape(name)}</h3>'
+                   f"<p>{desc}</p>{_fields_table(doc, schema)}</section>")
+    return "".join(out)
+
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+main{max-width:1000px;margin:0 auto;padding:16px}
+h1{margin:8px 0}h2{font-size:18px;margin:0 0 8px}h3{font-size:15px;margin:14px 0 6px}
+.op,.model{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 16px;margin:14px 0}
+.m{display:inline-block;border-radius:4px;padding:1px 8px;color:#fff;font-size:13px}
+.post{background:#1a7f37}.get{background:#0969da}
+table{border-collapse:collapse;width:100%;font-size:13px;display:block;overflow-x:auto}
+td,th{border-top:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top}
+pre{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:8px;overflow-x:auto;font-size:13px}
+code{font-size:13px}
+"""
+
+
+def render_docs(doc: dict[str, Any]) -> str:
+    """The HTML page for an OpenAPI document (``app.openapi()``)."""
+    ops = []
+    for path, item in doc.get("paths", {}).items():
+        for method, op in item.items():
+            if method in ("get", "post", "put", "delete", "patch"):
+                ops.append(_operation(doc, path, method, op))
+    info = doc.get("info", {})
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            '<meta name=viewport content="width=device-width,initial-scale=1">'
+            f"<title>{html.escape(info.get('title', 'API'))} API</title><style>{CSS}</style></head><body><main>"
+            f"<h1>{html.escape(info.get('title', 'API'))} API</h1><p>{html.escape(info.get('description', ''))}</p>"
+            '<p>OpenAPI document: <a href="openapi.json">openapi.json</a> &middot; web page: <a href="./">/</a>. '
+            "Errors are JSON: <code>{error, message, errors: [{field, reason}]}</code>.</p>"
+            + "".join(ops) + "<h2>Schemas</h2>" + _models(doc) + "</main></body></html>")
