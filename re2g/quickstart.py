@@ -1,0 +1,316 @@
+"""`re2g quickstart` (what `make demo` runs): the whole of Re2G on the embedded default.
+
+A local Ray started in-process, the sample task, tiny models, every stage in order:
+
+    sample -> passages (Ray Data) -> BM25 -> mine negatives -> DPR (stage 1, Ray Train + DeepSpeed)
+    -> embed (Ray Data) + HNSW shards (Ray tasks) -> retrieval report -> generation (stage 2)
+    -> reranker (stage 3) -> end-to-end with distillation (stage 4) -> KILT evaluation on dev and test
+    -> report (Markdown, JSON, plots) -> Serve app answering three sample questions
+
+A step whose outputs exist for the same config is skipped (so a second run resumes where the first
+stopped); ``fresh=True`` starts over. Each step's result is kept in ``RUN_DIR/.quickstart/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from re2g.config import Re2GConfig, save_config
+from re2g.layout import RunLayout, join
+
+STATE_DIR = ".quickstart"
+
+
+@dataclass
+class Step:
+    """One quickstart step: ``run(ctx) -> result dict``; skipped when its ``outputs`` exist and its
+    marker records the same config."""
+
+    name: str
+    title: str
+    run: Callable[["Context"], dict]
+    outputs: Callable[["Context"], list[str]] = lambda ctx: []
+
+
+@dataclass
+class Context:
+    cfg: Re2GConfig
+    layout: RunLayout
+    console: Console
+    results: dict = field(default_factory=dict)
+    dev_limit: int | None = None
+    test_limit: int | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def task_file(self, split: str) -> str:
+        from re2g.data.sample import task_file
+
+        return str(Path(self.layout.sample) / task_file(self.cfg.train.task, split))
+
+
+def config_hash(cfg: Re2GConfig) -> str:
+    """A short hash of the config (what decides whether a finished step can be reused)."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _sample(ctx: Context) -> dict:
+    from re2g.data.sample import generate_sample
+
+    s = generate_sample(ctx.layout.sample, ctx.cfg.data.sample, vocab_size=ctx.cfg.models.tiny.vocab_size,
+                        overwrite=True, progress=True)
+    ctx.console.print(s.table())
+    return {"summary": s.to_dict()}
+
+
+def _passages(ctx: Context) -> dict:
+    from re2g.data.passages import split_knowledge_source
+
+    stats = split_knowledge_source(str(Path(ctx.layout.sample) / "knowledge_source.jsonl"), ctx.layout.passages,
+                                   ctx.cfg.passages, overwrite=True)
+    ctx.console.print(stats.table())
+    return {"passages": stats.to_dict()}
+
+
+def _bm25(ctx: Context) -> dict:
+    from re2g.index.bm25 import build_bm25_index
+
+    info = build_bm25_index(ctx.layout.passages, ctx.layout.bm25_index, threads=ctx.cfg.bm25.threads,
+                            overwrite=True, k1=ctx.cfg.bm25.k1, b=ctx.cfg.bm25.b)
+    return {"bm25": info.to_dict()}
+
+
+def _init_models(ctx: Context) -> dict:
+    from re2g.models.init import init_models
+
+    written = init_models(ctx.cfg.models, ctx.run_dir / "models" / "init",
+                          tokenizers_dir=Path(ctx.layout.sample) / "tokenizers")
+    return {"models": {k: str(v) for k, v in written.items()}}
+
+
+def _inputs(ctx: Context):
+    from re2g.train.api import prepare_inputs
+
+    return prepare_inputs(ctx.cfg, build=False)
+
+
+def _mine(ctx: Context) -> dict:
+    from re2g.train.api import mine
+
+    out, info = mine(ctx.cfg, _inputs(ctx), overwrite=True)
+    return {"negatives": out, "info": info}
+
+
+def _stage_summary(result, metric_system: str, metric: str) -> dict:
+    """before/after of one metric from a StageResult (``system`` rows inside before/after)."""
+    before = (result.before.get(metric_system) or next(iter(result.before.values()), {})).get(metric)
+    after = (result.after.get(metric_system) or next(iter(result.after.values()), {})).get(metric)
+    return {"metric": f"dev {metric}", "before": before, "after": after, "model_dir": result.model_dir,
+            "eval": result.to_dict(), "metrics_log": str(Path(result.run.storage).parent / "metrics.jsonl")
+            if getattr(result.run, "storage", None) else None}
+
+
+def _dpr(ctx: Context) -> dict:
+    from re2g.train.api import train_dpr
+
+    res = train_dpr(ctx.cfg, inputs=_inputs(ctx), log=ctx.console.print)
+    ctx.console.print(res.table())
+    return _stage_summary(res, "dpr", "recall@5")
+
+
+def _embed_index(ctx: Context) -> dict:
+    from re2g.index.dense import build_dense_index
+    from re2g.index.embed import embed_corpus
+
+    stats = embed_corpus(ctx.layout.passages, ctx.layout.model("dpr"), ctx.layout.embeddings,
+                         batch_size=ctx.cfg.index.embed_batch_size, actors=ctx.cfg.index.embed_actors,
+                         max_length=ctx.cfg.models.passage_max_length, overwrite=True)
+    ctx.console.print(stats.table())
+    info = build_dense_index(ctx.layout.embeddings, ctx.layout.dense_index, ctx.cfg.index,
+                             encoder_fingerprint=stats.fingerprint, overwrite=True)
+    return {"embed": stats.to_dict(), "index": {k: v for k, v in info.__dict__.items() if k != "manifest"}}
+
+
+def _retrieval(ctx: Context) -> dict:
+    import pyarrow.parquet as pq
+
+    from re2g.data.kilt import read_kilt
+    from re2g.data.provenance import PassageLocator
+    from re2g.eval.retrieval import evaluate_retrievers, reports_table
+    from re2g.index.retrievers import open_retrievers
+    from re2g.models.encoders import BiEncoder
+
+    enc = BiEncoder.from_pretrained(ctx.layout.model("dpr"))
+    retrievers = open_retrievers(ctx.cfg, passages=ctx.layout.passages, dense_dir=ctx.layout.dense_index,
+                                 bm25_dir=ctx.layout.bm25_index, query_encoder=enc)
+    locator = PassageLocator.from_table(pq.read_table(ctx.layout.passages, columns=["pid"]))
+    out = {}
+    for split, limit in (("dev", ctx.dev_limit), ("test", ctx.test_limit)):
+        examples = read_kilt(ctx.task_file(split))[:limit]
+        reports, skipped = evaluate_retrievers(retrievers, examples, locator)
+        ctx.console.print(reports_table(reports, title=f"{split} retrieval ({ctx.cfg.train.task})"))
+        out[split] = {r.name: r.metrics for r in reports}
+    return {"retrieval": out, "metric": "dev recall@5 (hybrid)", "after": out["dev"]["hybrid"]["recall@5"]}
+
+
+def _generator(ctx: Context) -> dict:
+    from re2g.train.generation import train_generator
+
+    res = train_generator(ctx.cfg, inputs=_inputs(ctx), log=ctx.console.print)
+    ctx.console.print(res.table())
+    return _stage_summary(res, "generator", "em")
+
+
+def _reranker(ctx: Context) -> dict:
+    from re2g.train.api import train_reranker
+
+    cfg = ctx.cfg.model_copy(deep=True)
+    cfg.train.reranker.dense_index = ctx.layout.dense_index
+    cfg.models.query_encoder = ctx.layout.model("dpr")
+    res = train_reranker(cfg, inputs=_inputs(ctx), log=ctx.console.print)
+    ctx.console.print(res.table())
+    return _stage_summary(res, "reranker", "recall@1")
+
+
+def _e2e(ctx: Context) -> dict:
+    from re2g.train.generation import train_e2e
+
+    res = train_e2e(ctx.cfg, inputs=_inputs(ctx), query_encoder="distill", log=ctx.console.print)
+    ctx.console.print(res.table())
+    return _stage_summary(res, "e2e", "em")
+
+
+def _kilt_eval(ctx: Context, models: dict[str, str | None], split: str, limit: int | None, name: str) -> dict:
+    """Predict ``split`` with the run's pipeline (model dirs overridden by ``models``) and score it."""
+    from re2g.data.kilt import read_kilt
+    from re2g.eval.kilt import evaluate_kilt
+    from re2g.predict import predict_file
+
+    task = ctx.task_file(split)
+    out = join(ctx.layout.reports, f"predictions-{name}-{split}.jsonl")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    predict_file(ctx.run_dir, task, out, cfg=ctx.cfg, limit=limit,
+                 models={k: v for k, v in models.items() if v}, progress=True)
+    gold = read_kilt(task)[:limit]
+    guess = [json.loads(line) for line in Path(out).read_text().splitlines()]
+    scores = evaluate_kilt(gold, guess)
+    flat = {**scores["downstream"], **scores["retrieval"], **{k: v for k, v in scores["kilt"].items()}}
+    return flat
+
+
+def _systems(ctx: Context) -> dict[str, dict[str, str]]:
+    """The systems evaluated, in stage order: model directories per component."""
+    m, init = ctx.layout.model, ctx.run_dir / "models" / "init"
+    systems = {"untrained": {"biencoder": m("dpr"), "reranker": str(init / "reranker"),
+                             "generator": str(init / "generator")}}
+    if Path(m("generator")).exists() and Path(m("reranker")).exists():
+        systems["stages 1-3"] = {"biencoder": m("dpr"), "reranker": m("reranker"), "generator": m("generator")}
+    if Path(m("e2e")).exists():
+        e2e = Path(m("e2e"))
+        systems["stage 4 (distill)"] = {k: str(e2e / k) if (e2e / k).exists() else systems.get("stages 1-3", {}).get(k)
+                                        for k in ("biencoder", "reranker", "generator")}
+    return systems
+
+
+def _evaluate(ctx: Context) -> dict:
+    from rich.table import Table
+
+    systems = _systems(ctx)
+    out: dict = {}
+    for split, limit in (("dev", ctx.dev_limit), ("test", ctx.test_limit)):
+        out[split] = {}
+        for name, models in systems.items():
+            out[split][name] = _kilt_eval(ctx, {k: v if Path(v).exists() else None for k, v in models.items()},
+                                          split, limit, name.replace(" ", "_").replace("(", "").replace(")", ""))
+        t = Table(title=f"{split} answers (KILT metrics, {ctx.cfg.train.task})")
+        keys = ["em", "f1", "accuracy", "Rprec", "recall@5", "KILT-em"]
+        t.add_column("system")
+        for k in keys:
+            t.add_column(k, justify="right")
+        for name, s in out[split].items():
+            t.add_row(name, *(f"{s.get(k, float('nan')):.3f}" for k in keys))
+        ctx.console.print(t)
+    first, last = next(iter(out["dev"].values())), list(out["dev"].values())[-1]
+    return {"downstream": out, "metric": "dev EM (untrained -> final)", "before": first.get("em"),
+            "after": last.get("em")}
+
+
+STEPS: list[Step] = [
+    Step("sample", "sample knowledge task", _sample, lambda c: [join(c.layout.sample, "sample.json")]),
+    Step("passages", "passages (Ray Data)", _passages, lambda c: [c.layout.passages]),
+    Step("bm25", "BM25 index (Lucene)", _bm25, lambda c: [c.layout.bm25_index]),
+    Step("init_models", "initial tiny models", _init_models, lambda c: [join(c.cfg.run_dir, "models", "init")]),
+    Step("mine", "hard negatives (BM25)", _mine, lambda c: [join(c.cfg.run_dir, "train", "negatives.jsonl")]),
+    Step("dpr", "stage 1: DPR (Ray Train + DeepSpeed)", _dpr, lambda c: [c.layout.model("dpr")]),
+    Step("index", "embed (Ray Data) + HNSW shards (Ray tasks)", _embed_index, lambda c: [c.layout.dense_index]),
+    Step("retrieval", "retrieval report", _retrieval),
+    Step("generator", "stage 2: generation (RAG)", _generator, lambda c: [c.layout.model("generator")]),
+    Step("reranker", "stage 3: reranker", _reranker, lambda c: [c.layout.model("reranker")]),
+    Step("e2e", "stage 4: end-to-end, distillation", _e2e, lambda c: [c.layout.model("e2e")]),
+    Step("evaluate", "KILT evaluation (dev, test)", _evaluate),
+]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _marker(ctx: Context, step: Step) -> Path:
+    return ctx.run_dir / STATE_DIR / f"{step.name}.json"
+
+
+def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bool = False,
+                   only: list[str] | None = None, dev_limit: int | None = None,
+                   test_limit: int | None = None) -> dict:
+    """Run every step (or the ``only`` ones) into ``cfg.run_dir``; returns the run summary (also
+    written as the report). The caller has connected to Ray."""
+    console = console or Console()
+    run_dir = Path(cfg.run_dir)
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    ctx = Context(cfg=cfg, layout=RunLayout(str(run_dir)), console=console, dev_limit=dev_limit,
+                  test_limit=test_limit)
+    h = config_hash(cfg)
+    t_all = time.time()
+    stages = []
+    for i, step in enumerate(STEPS, 1):
+        if only and step.name not in only:
+            continue
+        marker = _marker(ctx, step)
+        done = marker.exists() and json.loads(marker.read_text()).get("config") == h \
+            and all(Path(p).exists() for p in step.outputs(ctx))
+        console.rule(f"[bold]{i}/{len(STEPS)} {step.title}" + (" (done before, skipped)" if done else ""))
+        if done:
+            result = json.loads(marker.read_text())["result"]
+            seconds, skipped = result.get("_seconds"), True
+        else:
+            t0 = time.time()
+            result = step.run(ctx)
+            seconds, skipped = round(time.time() - t0, 1), False
+            result["_seconds"] = seconds
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"config": h, "result": result}, default=str))
+        ctx.results[step.name] = result
+        stages.append({"name": step.name, "metric": result.get("metric", ""), "before": result.get("before"),
+                       "after": result.get("after"), "seconds": seconds, "skipped": skipped})
+    summary = {
+        "run_dir": str(run_dir), "seconds": round(time.time() - t_all, 1), "stages": stages,
+        "retrieval": ctx.results.get("retrieval", {}).get("retrieval", {}),
+        "downstream": ctx.results.get("evaluate", {}).get("downstream", {}),
+        "training": {s: r["metrics_log"] for s, r in ctx.results.items() if isinstance(r, dict) and r.get("metrics_log")},
+    }
+    return summary
