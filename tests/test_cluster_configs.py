@@ -280,3 +280,43 @@ def test_cluster_paper_config_loads():
     # the 8 shard actors fit the index node type (one index_node each)
     aws = _load(LAUNCHER["aws"])["available_node_types"]["index_mem"]["resources"]["index_node"]
     assert cfg.index.num_shards <= aws * _load(LAUNCHER["aws"])["available_node_types"]["index_mem"]["max_workers"]
+
+
+# --------------------------------------------------------------------------- docs/scaling.md arithmetic
+
+
+def hnsw_graph_bytes_per_vector(m: int) -> float:
+    """faiss IndexHNSW: 2M level-0 ids + M per upper level (P(level >= l) = M^-l), int32; + levels
+    (int32) + offsets (uint64). The formula docs/scaling.md uses."""
+    return 4 * (2 * m + m / (m - 1)) + 4 + 8
+
+
+def test_scaling_guide_memory_arithmetic_matches_faiss():
+    faiss = pytest.importorskip("faiss")
+    import os
+    import tempfile
+
+    import numpy as np
+
+    n, d, m = 8000, 8, 16
+    index = faiss.IndexHNSWFlat(d, m)
+    index.hnsw.efConstruction = 16
+    index.add(np.random.default_rng(0).standard_normal((n, d)).astype("float32"))
+    links = faiss.vector_to_array(index.hnsw.neighbors).size / n
+    assert links == pytest.approx(2 * m + m / (m - 1), rel=0.02)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "i.faiss")
+        faiss.write_index(index, path)
+        per_vector = os.path.getsize(path) / n
+    assert per_vector == pytest.approx(4 * d + hnsw_graph_bytes_per_vector(m), rel=0.02)
+
+    # the numbers the guide states for N = 21M, D = 768 (+1 for mips_l2), M = 128
+    N, D = 21_000_000, 768
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    assert round(hnsw_graph_bytes_per_vector(128)) == 1040 and "1,040 B" in text
+    assert f"{N * D * 4 / 1e9:.1f} GB" == "64.5 GB" and "64.5 GB" in text
+    assert f"{N * hnsw_graph_bytes_per_vector(128) / 1e9:.1f} GB" == "21.8 GB" and "21.8 GB" in text
+    assert f"{N * 256 * 4 / 1e9:.1f} GB" == "21.5 GB" and "21.5 GB" in text
+    assert f"{N * (D + 1) / 1e9:.1f} GB" == "16.1 GB" and "16.1 GB" in text
+    assert f"{N * (D + 1) * 4 / 1e9 + N * hnsw_graph_bytes_per_vector(128) / 1e9:.1f} GB" == "86.4 GB"
+    assert "86.4 GB" in text and "38.0 GB" in text
