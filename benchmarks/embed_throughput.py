@@ -1,0 +1,116 @@
+"""Corpus embedding throughput: Ray Data (``embed_corpus``, a pool of encoder actors) vs a plain
+single-process loop (``embed_corpus_local``) with the same model, batch size, passage length and
+number of threads, in the same run.
+
+Ray Data runs T actors x 1 thread and 1 actor x T threads (T = ``--threads``, default the usable
+CPUs) as ``embed_corpus`` does by default, and T x 1 again with Ray Data's blocks capped at 256 KiB
+(``--no-small-blocks`` skips it): read as is, a corpus under 128 MiB is one block, so one actor
+does all the work. Seconds are the library's own (``EmbedStats``): model loading and, for Ray Data,
+actor start-up included. Writes ``bench_out/embed_throughput.json``::
+
+    python -m benchmarks.embed_throughput            # demo sample (~5k passages), tiny encoder
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from benchmarks import common
+
+NAME = "embed_throughput"
+
+
+def run(corpus: common.Corpus, *, limit: int | None, batch_size: int, max_length: int, threads: int,
+        small_blocks: bool, result: common.Result) -> common.Result:
+    """Embed the first ``limit`` passages once per configuration; fills ``result``."""
+    from re2g.index.embed import embed_corpus, embed_corpus_local
+
+    passages, n = corpus.subset(limit)
+    scratch = corpus.root / "embed_throughput"
+    common.connect_ray()
+    ray_cpus = common.ray_cpus()
+    if threads >= ray_cpus:
+        raise SystemExit(f"--threads {threads} needs a Ray with more than {threads} CPUs (this one has {ray_cpus}): "
+                         "Ray Data's read task needs a CPU slot beside the encoder actors")
+    runs = [("local loop", 0, threads, None)]
+    runs.append((f"ray data {threads}x1", threads, 1, None))
+    if threads > 1:
+        runs.append((f"ray data 1x{threads}", 1, threads, None))
+    if small_blocks:
+        runs.append((f"ray data {threads}x1, small blocks", threads, 1, common.SMALL_BLOCK_BYTES))
+    rows = {}
+    for label, actors, per_actor, block_bytes in runs:
+        out = scratch / label.replace(" ", "_").replace(",", "")
+        if actors == 0:
+            stats = embed_corpus_local(str(passages), str(corpus.model_dir), str(out), batch_size=batch_size,
+                                       max_length=max_length, device="cpu", threads=per_actor, overwrite=True,
+                                       progress=False)
+        else:
+            with common.ray_data_block_size(block_bytes):
+                stats = embed_corpus(str(passages), str(corpus.model_dir), str(out), batch_size=batch_size,
+                                     actors=actors, max_length=max_length, device="cpu",
+                                     threads_per_actor=per_actor, overwrite=True)
+        rows[label] = {"actors": actors, "threads_per_actor": per_actor, "passages": stats.passages,
+                       "ray_data_max_block_bytes": block_bytes, "seconds": stats.seconds,
+                       "passages_per_s": round(stats.passages_per_s, 2)}
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    local = rows["local loop"]["passages_per_s"]
+    result.params.update(size=corpus.size, passages=n, batch_size=batch_size, passage_max_length=max_length,
+                         threads=threads, model=str(corpus.model_dir), device="cpu", ray_cpus=ray_cpus)
+    if ray_cpus > common.usable_cpus():
+        result.notes.append(common.RAY_EXTRA_CPU_NOTE)
+    result.results["runs"] = rows
+    result.ratios = {f"{label} / local loop (passages/s)": common.ratio(r["passages_per_s"], local)
+                     for label, r in rows.items() if label != "local loop"}
+    result.notes.append("seconds include model loading (and Ray actor start-up for Ray Data); Ray itself "
+                        "was started before timing")
+    if small_blocks:
+        result.notes.append(f"'small blocks': Ray Data's target_max_block_size capped at {common.SMALL_BLOCK_BYTES} "
+                            "bytes in the driver; by default a corpus this small is read as one block, which one "
+                            "encoder actor embeds while the others idle")
+    return result
+
+
+def table(result: common.Result):
+    from rich.table import Table
+
+    t = Table(title=f"embedding throughput ({result.params['passages']:,} passages, batch "
+                    f"{result.params['batch_size']}, length {result.params['passage_max_length']})")
+    for col in ("run", "actors x threads", "seconds", "passages/s", "vs local loop"):
+        t.add_column(col, justify="right" if col != "run" else "left")
+    local = result.results["runs"]["local loop"]["passages_per_s"]
+    for label, r in result.results["runs"].items():
+        shape = f"1 process x {r['threads_per_actor']}" if r["actors"] == 0 else \
+            f"{r['actors']} x {r['threads_per_actor']}"
+        t.add_row(label, shape, common.fmt(r["seconds"]), common.fmt(r["passages_per_s"]),
+                  f"{common.ratio(r['passages_per_s'], local):.2f}x")
+    return t
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command line: ``python -m benchmarks.embed_throughput [--size demo] [--limit N] ...``."""
+    from re2g.config import load_config
+
+    p = common.parser(__doc__.splitlines()[0], default_size="demo")
+    p.add_argument("--limit", type=int, default=None, help="embed only the first N passages (default: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="passage max length (default: the tiny preset's passage_max_length)")
+    p.add_argument("--threads", type=int, default=common.usable_cpus(), help="threads in all, per configuration")
+    p.add_argument("--no-small-blocks", dest="small_blocks", action="store_false",
+                   help="skip the run with Ray Data's block size capped")
+    args = p.parse_args(argv)
+    max_length = args.max_length or load_config(preset="tiny").models.passage_max_length
+    corpus = common.prepare_corpus(args.size, common.cache_dir(args))
+    result = run(corpus, limit=args.limit, batch_size=args.batch_size, max_length=max_length,
+                 threads=args.threads, small_blocks=args.small_blocks, result=common.Result(NAME))
+    common.print_table(table(result))
+    path = result.write(args.out)
+    common.print_written(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

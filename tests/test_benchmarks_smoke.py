@@ -1,0 +1,59 @@
+"""Smoke test of benchmarks/: every benchmark's ``main`` runs on the tiny sample and writes JSON with
+its figures and same-run ratios. Not a timed test: no figure is compared with a threshold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+def _load(path):
+    data = json.loads(path.read_text())
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["versions"]["ray"]
+    assert data["timestamp"] and data["params"]["size"] == "tiny"
+    assert data["ratios"], "a benchmark without its same-run comparison"
+    for name, value in data["ratios"].items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
+    return data
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return ["--size", "tiny", "--out", str(root / "out"), "--cache", str(root / "cache")]
+
+
+def test_benchmarks_write_figures_and_ratios(bench_dirs, ray_local):
+    from benchmarks import bm25_qps, embed_throughput, hnsw_recall, shard_build
+
+    # the test Ray has 2 CPUs: 1 encoder actor leaves Ray Data's read task a CPU
+    d = _load(embed_throughput.main(bench_dirs + ["--threads", "1", "--limit", "200", "--no-small-blocks"]))
+    runs = d["results"]["runs"]
+    assert set(runs) == {"local loop", "ray data 1x1"}
+    assert all(r["passages"] == 200 and r["passages_per_s"] > 0 for r in runs.values())
+    assert "ray data 1x1 / local loop (passages/s)" in d["ratios"]
+
+    path = hnsw_recall.main(bench_dirs + ["--ef", "16", "64", "--metrics", "mips_l2", "ip"])
+    d = _load(path)
+    views = d["results"]["views"]
+    assert set(views) == {"raw", "standardized"}
+    for v in views.values():
+        assert v["flat"]["queries_per_s"] > 0
+        assert {(c["metric"], c["m"]) for c in v["hnsw"]} == {("mips_l2", 32), ("ip", 32)}
+        for c in v["hnsw"]:
+            assert set(c["by_ef_search"]) == {"16", "64"}
+            assert all(0 <= r["recall@k"] <= 1 and r["queries_per_s"] > 0 for r in c["by_ef_search"].values())
+        assert v["presets"]["tiny"]["recall@k"] is None  # efSearch 128 was not measured
+    assert "standardized ip M=32 ef=64: hnsw q/s / flat q/s" in d["ratios"]
+    assert path.with_suffix(".png").stat().st_size > 0
+
+    d = _load(shard_build.main(bench_dirs + ["--shards", "2"]))
+    assert set(d["results"]["runs"]) == {"1 shard, 1 task", "2 shards, 2 tasks", "1 shard, 1 task x 2 threads"}
+    assert "speed-up of 2 shards, 2 tasks over 1 shard, 1 task (seconds ratio)" in d["ratios"]
+
+    d = _load(bm25_qps.main(bench_dirs + ["--queries", "60", "--threads", "2"]))
+    assert d["results"]["same_hits_in_every_mode"] is True
+    assert d["results"]["modes"]["batch_search, 2 threads"]["queries_per_s"] > 0
+    assert "batch_search, 2 threads / search, one by one (q/s)" in d["ratios"]
