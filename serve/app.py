@@ -12,8 +12,8 @@ holds (``retrieve`` / ``rerank`` / ``generate``): the same code as the in-proces
 has its own replicas (autoscaling), resources (fractional CPUs, GPUs where configured) and
 ``max_ongoing_requests`` from ``cfg.serve`` (:class:`re2g.config.ServeConfig`), and dynamic batching
 (``@serve.batch``) whose size and wait come in the ``user_config`` (so ``serve/config.yaml`` or a
-redeploy can change them live; ``max_batch_size: 1`` turns batching off). Model work runs on one
-thread per replica, off the replica's event loop, so a batch fills while the previous one computes.
+redeploy can change them live; ``max_batch_size: 1`` turns batching off). A batch computes on the
+replica's user event loop; the requests that arrive meanwhile form the next batch.
 
 Run it:
 
@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,33 +90,43 @@ class _Stage:
         self.cfg = Re2GConfig.model_validate(cfg)
         s = self.cfg.serve
         self.dcfg: ServeDeploymentConfig = getattr(s, dcfg_name)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"re2g-{self.stage}")
         self._busy = 0
         self._last_ok = 0.0
+        self._batches = 0
+        self._items = 0
+        self._compute_s = 0.0
         self._period = s.health_check_period_s
         self._probe_timeout = max(1.0, 0.8 * s.health_check_timeout_s)
         self.metrics = ComponentMetrics(self.stage)
         self.device = pick_device(self.cfg.device)
-        self._in_thread(_set_threads, self.dcfg.num_cpus)
+        _set_threads(self.dcfg.num_cpus)
         self.reconfigure(batch_user_config(self.dcfg, s.batching))
         return preflight(run_dir, self.cfg)
 
-    def _in_thread(self, fn, *args, **kwargs):
-        """Run ``fn`` on the compute thread and wait (loading, warm-up)."""
-        return self._pool.submit(fn, *args, **kwargs).result()
-
     async def _compute(self, n: int, fn, *args):
-        """Run ``fn(*args)`` on the compute thread without blocking the event loop; record metrics."""
-        loop = asyncio.get_running_loop()
+        """Run ``fn(*args)`` (a batch of ``n`` requests) and record metrics.
+
+        It runs on the replica's user event loop, blocking it: requests that arrive meanwhile wait in
+        Serve's queue and join the next batch together. (On a thread pool instead, the compute thread
+        holds the GIL for most of a small model's Python-heavy step, the loop takes requests in one by
+        one, and batches stay near size 1: measured with benchmarks/serve_load.py on 2 CPUs.)"""
         t0 = time.perf_counter()
         self._busy += 1
         try:
-            out = await loop.run_in_executor(self._pool, fn, *args)
+            out = fn(*args)
         finally:
             self._busy -= 1
+        dt = time.perf_counter() - t0
         self._last_ok = time.monotonic()
-        self.metrics.observe(n, time.perf_counter() - t0)
+        self._batches += 1
+        self._items += n
+        self._compute_s += dt
+        self.metrics.observe(n, dt)
         return out
+
+    def stats(self) -> dict:
+        """Batches computed, requests in them and compute seconds since start (this replica)."""
+        return {"batches": self._batches, "items": self._items, "compute_s": self._compute_s}
 
     def _batcher(self):
         raise NotImplementedError
@@ -134,12 +143,11 @@ class _Stage:
         raise NotImplementedError
 
     async def check_health(self) -> None:
-        """Raise when the piece is broken. A replica that computed recently, or is computing now, is
-        alive; an idle one runs :meth:`_probe` (bounded by the health-check timeout)."""
+        """Raise when the piece is broken. A replica that computed recently is alive; an idle one runs
+        :meth:`_probe` (a tiny input; Serve's health-check timeout bounds it)."""
         if self._busy or (self._last_ok and time.monotonic() - self._last_ok < self._period):
             return
-        loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(self._pool, self._probe), self._probe_timeout)
+        self._probe()
         self._last_ok = time.monotonic()
 
     async def health(self) -> dict:
@@ -180,10 +188,10 @@ class Retriever(_Stage):
         pieces = self._init_stage(run_dir, cfg, "retriever")
         s = self.cfg.serve
         shard_actors = s.shard_actors if s.shard_actors is not None else self.cfg.index.shard_actors
-        self.loaded = self._in_thread(load_retriever, pieces, self.cfg, self.device, shard_actors=shard_actors)
+        self.loaded = load_retriever(pieces, self.cfg, self.device, shard_actors=shard_actors)
         self.pipe = Re2GPipeline(self.loaded.retriever, None, None, _stage_cfg(self.cfg, False),
                                  retrieve_k=self.loaded.retrieve_k)
-        self._in_thread(self._probe)      # starts the JVM and faiss; fails here, clearly, if a piece is broken
+        self._probe()      # starts the JVM and faiss; fails here, clearly, if a piece is broken
 
     def _batcher(self):
         return self._retrieve_batch
@@ -232,9 +240,9 @@ class Reranker(_Stage):
 
     def __init__(self, run_dir: str, cfg: dict):
         pieces = self._init_stage(run_dir, cfg, "reranker")
-        model = self._in_thread(load_reranker, pieces, self.cfg, self.device)
+        model = load_reranker(pieces, self.cfg, self.device)
         self.pipe = Re2GPipeline(None, model, None, _stage_cfg(self.cfg, False))
-        self._in_thread(self._probe)
+        self._probe()
 
     def _batcher(self):
         return self._rerank_batch
@@ -275,9 +283,9 @@ class Generator(_Stage):
 
     def __init__(self, run_dir: str, cfg: dict):
         pieces = self._init_stage(run_dir, cfg, "generator")
-        model = self._in_thread(load_generator, pieces, self.cfg, self.device)
+        model = load_generator(pieces, self.cfg, self.device)
         self.pipe = Re2GPipeline(None, None, model, self.cfg)
-        self._in_thread(self._probe)
+        self._probe()
 
     def _batcher(self):
         return self._generate_batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 EXAMPLES = {
@@ -45,15 +46,29 @@ def _type(doc: dict, schema: dict) -> str:
     return str(t)
 
 
+LIMIT_KEYS = (("minimum", ">="), ("ge", ">="), ("exclusiveMinimum", ">"), ("gt", ">"), ("maximum", "<="),
+              ("le", "<="), ("exclusiveMaximum", "<"), ("lt", "<"), ("minLength", "length >="),
+              ("maxLength", "length <="), ("minItems", "items >="), ("maxItems", "items <="))
+
+
 def _limits(schema: dict) -> str:
-    parts = []
-    for s in [schema] + list(schema.get("anyOf", [])):
-        for key, sym in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"),
-                         ("minLength", "length >="), ("maxLength", "length <="), ("minItems", "items >="),
-                         ("maxItems", "items <=")):
+    parts: list[str] = []
+
+    def walk(s: dict) -> None:
+        for key, sym in LIMIT_KEYS:
             if key in s:
-                parts.append(f"{sym} {s[key]}")
+                v = s[key]
+                parts.append(f"{sym} {int(v) if isinstance(v, float) and v.is_integer() else v}")
+        for sub in s.get("anyOf", []):
+            walk(sub)
+
+    walk(schema)
     return ", ".join(dict.fromkeys(parts))
+
+
+def _text(s: str) -> str:
+    """Escaped text with ``code`` spans."""
+    return re.sub(r"``(.+?)``", r"<code>\1</code>", html.escape(s))
 
 
 def _fields_table(doc: dict, schema: dict) -> str:
@@ -67,7 +82,7 @@ def _fields_table(doc: dict, schema: dict) -> str:
         default = "" if "default" not in p else json.dumps(p["default"])
         rows.append("<tr><td><code>{}</code>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
             html.escape(name), " <b>required</b>" if name in required else "", html.escape(_type(doc, p)),
-            html.escape(_limits(p)), html.escape(default), html.escape(p.get("description", ""))))
+            html.escape(_limits(p)), html.escape(default), _text(p.get("description", ""))))
     return ("<table><thead><tr><th>field</th><th>type</th><th>limits</th><th>default</th><th>description</th>"
             "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
@@ -76,7 +91,7 @@ def _operation(doc: dict, path: str, method: str, op: dict) -> str:
     out = [f'<section class="op" id="{html.escape(method + path)}"><h2><span class="m {method}">'
            f'{method.upper()}</span> <code>{html.escape(path)}</code> {html.escape(op.get("summary", ""))}</h2>']
     if op.get("description"):
-        out.append(f"<p>{html.escape(op['description'])}</p>")
+        out.append(f"<p>{_text(op['description'])}</p>")
     body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
     if body:
         name = _type(doc, body)

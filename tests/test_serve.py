@@ -483,19 +483,16 @@ def test_check_health_raises_when_a_component_breaks(run_dir):
 
     cfg = resolve_config(run_dir, overrides=["serve.health_check_period_s=0.01"]).model_dump(mode="json")
     rr = Reranker.func_or_class(str(run_dir), cfg)
-    try:
+    asyncio.run(rr.check_health())
+    assert asyncio.run(rr.health())["ok"]
+    with torch.no_grad():
+        for p in rr.pipe.reranker.model.parameters():
+            p.fill_(float("nan"))
+    time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="non-finite"):
         asyncio.run(rr.check_health())
-        assert asyncio.run(rr.health())["ok"]
-        with torch.no_grad():
-            for p in rr.pipe.reranker.model.parameters():
-                p.fill_(float("nan"))
-        time.sleep(0.05)
-        with pytest.raises(RuntimeError, match="non-finite"):
-            asyncio.run(rr.check_health())
-        h = asyncio.run(rr.health())
-        assert not h["ok"] and "non-finite" in h["detail"]
-    finally:
-        rr._pool.shutdown()
+    h = asyncio.run(rr.health())
+    assert not h["ok"] and "non-finite" in h["detail"]
 
 
 def test_retriever_with_shard_actors_matches_in_replica_shards(ray_local, client, run_dir, dev_queries):
@@ -520,7 +517,6 @@ def test_retriever_with_shard_actors_matches_in_replica_shards(ray_local, client
             assert [h.source for h in hits] == [h["source"] for h in served]
         assert asyncio.run(sharded.health())["ok"]
     finally:
-        sharded._pool.shutdown()
         assert stop_shard_actors(run_dir) == 2
     assert not [a for a in ray_local.util.list_named_actors(all_namespaces=True) if a["namespace"] == SHARD_NAMESPACE]
 

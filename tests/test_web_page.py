@@ -1,0 +1,139 @@
+"""The web page at ``/`` in a real browser: Debian's headless Chromium driven by Selenium (chromedriver),
+against the Serve app on the session's local Ray. Type a query, see the answer and the evidence
+passages with their source and scores; on a phone-sized screen too. Screenshots go to
+``test-artifacts/`` (git-ignored).
+
+Skipped when Chromium or chromedriver is missing (``scripts/setup.sh`` installs them when run as root).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_serve import ServeStarter, shared_run_dir
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+APP_OVERRIDES = ["serve.ingress.num_cpus=0.05", "serve.retriever.num_cpus=0.1", "serve.reranker.num_cpus=0.1",
+                 "serve.generator.num_cpus=0.1", "serve.api_key_env=null"]
+
+pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                                reason="needs chromium and chromedriver (scripts/setup.sh installs them as root)")
+
+
+@pytest.fixture(scope="module")
+def starter(ray_local):
+    return ServeStarter()
+
+
+@pytest.fixture(scope="module")
+def base_url(starter, tiny_passages, tiny_models, tmp_path_factory):
+    from ray import serve
+
+    run = shared_run_dir(tmp_path_factory, tiny_passages, tiny_models)
+    try:
+        yield starter.run(run, APP_OVERRIDES, name="re2g-web")
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="re2g-chromium-")
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1280,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dev_query(tiny_sample):
+    line = (tiny_sample / "tasks" / "slot_filling-dev-kilt.jsonl").open().readline()
+    return json.loads(line)["input"]
+
+
+def ask(driver, base_url: str, query: str, timeout: float = 90):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(base_url + "/")
+    box = driver.find_element(By.ID, "query")
+    box.clear()
+    box.send_keys(query)
+    driver.find_element(By.ID, "ask").click()
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#passages .passage") or d.find_element(By.ID, "error").is_displayed())
+
+
+def test_page_shows_answer_and_evidence(browser, base_url, dev_query):
+    from selenium.webdriver.common.by import By
+
+    ask(browser, base_url, dev_query)
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    api = httpx.post(base_url + "/v1/answer", json={"query": dev_query}, timeout=60).json()
+
+    answer = browser.find_element(By.ID, "answer").text
+    assert answer == (api["answer"] or "(no answer)")
+    cands = browser.find_elements(By.CSS_SELECTOR, "#candidates li")
+    assert len(cands) == min(5, len(api["candidates"])) and all("%" in c.text for c in cands)
+    chips = browser.find_element(By.ID, "timings").text
+    for stage in ("retrieve", "rerank", "generate", "total"):
+        assert stage in chips
+
+    passages = browser.find_elements(By.CSS_SELECTOR, "#passages .passage")
+    assert len(passages) == len(api["provenance"]) == 3
+    for el, p in zip(passages, api["provenance"]):
+        assert el.find_element(By.CSS_SELECTOR, ".p-title").text == p["title"]
+        assert el.find_element(By.CSS_SELECTOR, ".src").text.lower() == p["source"]
+        assert el.find_element(By.CSS_SELECTOR, ".p-text").text == p["text"].strip()
+        assert f"rerank {p['rerank_score']:.2f}" in el.text and "weight" in el.text
+        assert el.find_element(By.CSS_SELECTOR, ".pid").text == p["pid"]
+    assert "Answered in" in browser.find_element(By.ID, "status").text
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "web_page_desktop.png"))
+
+    # a phone: 390 x 844 CSS pixels, touch, no horizontal scrolling
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        ask(browser, base_url, dev_query)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#passages .passage")) == 3
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        button = browser.find_element(By.ID, "ask")
+        assert button.size["width"] > 300                 # full-width button on a narrow screen
+        assert browser.save_screenshot(str(ARTIFACTS / "web_page_phone.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_page_shows_the_api_error(browser, base_url):
+    from selenium.webdriver.common.by import By
+
+    ask(browser, base_url, " ".join(["word"] * 300))      # over the query token limit: 422
+    err = browser.find_element(By.ID, "error")
+    assert err.is_displayed() and "tokens" in err.text and "limit" in err.text
+    assert not browser.find_element(By.ID, "result").is_displayed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "web_page_error.png"))
