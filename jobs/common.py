@@ -7,10 +7,11 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from re2g.config import CONFIG_FILENAME, Re2GConfig, config_to_yaml, load_config, save_config
+from re2g.config import Re2GConfig, load_config, save_config
 from re2g.errors import Re2GError
-from re2g.layout import RunLayout, join
+from re2g.layout import RunLayout
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -29,24 +30,32 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[Re2GConfig, Run
     run ``body`` and write ``RUN_DIR/jobs/<name>.json`` with the config, outputs and seconds.
     Bad input exits with code 2 and a one-line reason."""
     from re2g.runtime import connect_ray
+    from re2g.storage import RunDirMirror, is_remote, to_local_path
 
     try:
         cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
         connect_ray(cfg.ray)
+        # A remote run directory (s3://, gs://, ...) is worked on through a local mirror: pulled
+        # first, pushed at the end (commit markers last). file:// is a local path.
+        remote = cfg.run_dir
+        mirror = RunDirMirror(remote) if is_remote(remote) else None
+        localize = mirror.localize if mirror else to_local_path
+        if mirror:
+            mirror.pull()
+        for k, v in vars(args).items():  # paths given on the command line under the run directory
+            if isinstance(v, str) and k not in ("config", "preset"):
+                setattr(args, k, localize(v))
+        cfg = cfg.model_copy(update={"run_dir": localize(remote)})
         layout = RunLayout(cfg.run_dir)
         t0 = time.time()
         outputs = body(cfg, layout)
         manifest = {"job": name, "seconds": round(time.time() - t0, 3), "outputs": outputs,
-                    "config": cfg.model_dump(mode="json")}
-        import fsspec
-
-        with fsspec.open(join(cfg.run_dir, "jobs", f"{name}.json"), "w", auto_mkdir=True) as f:
-            json.dump(manifest, f, indent=2, default=str)
-        if "://" not in cfg.run_dir:
-            save_config(cfg, cfg.run_dir)
-        else:  # s3://, gs://, file:// run directories keep their config too
-            with fsspec.open(join(cfg.run_dir, CONFIG_FILENAME), "w", auto_mkdir=True) as f:
-                f.write(config_to_yaml(cfg))
+                    "config": cfg.model_dump(mode="json") | {"run_dir": remote}}
+        Path(cfg.run_dir, "jobs").mkdir(parents=True, exist_ok=True)
+        Path(cfg.run_dir, "jobs", f"{name}.json").write_text(json.dumps(manifest, indent=2, default=str))
+        save_config(cfg.model_copy(update={"run_dir": remote}), cfg.run_dir)
+        if mirror:
+            mirror.push()
         print(json.dumps({"job": name, "seconds": manifest["seconds"], "outputs": outputs}, default=str))
         return 0
     except Re2GError as e:

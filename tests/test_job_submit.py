@@ -12,9 +12,8 @@ The real CLIs (`ray start`, `ray job submit`, `ray job list`) in subprocesses, a
 * ``python`` in an entrypoint is whatever the head's PATH finds, so the head starts with the venv's
   ``bin`` first (as from an activated venv).
 
-Storage: the embedding job writes to a ``file://`` run directory (the pyarrow/fsspec path an
-``s3://`` or ``gs://`` run directory takes). Where a job cannot do that yet, an xfail test names the
-place. Model directories must be local paths or hub names (Hugging Face ``from_pretrained``), so
+Storage: the embedding and index jobs read and write a ``file://`` run directory; ``s3://`` and
+``gs://`` run directories go through ``re2g.storage.RunDirMirror`` (tests/test_storage.py). Model directories must be local paths or hub names (Hugging Face ``from_pretrained``), so
 the tests pass ``--model``.
 
 Training stages run for real only with ``RE2G_SLOW_TESTS=1`` (minutes each on 2 cores); by default
@@ -243,7 +242,7 @@ def test_embed_corpus_job_writes_a_file_uri_run_dir(embedded, tiny_inputs, local
     run, uri, proc = embedded
     out = _job_output(_check(proc))
     assert out["outputs"]["passages"] == tiny_inputs["count"]
-    assert out["outputs"]["out"] == f"{uri}/embeddings"
+    assert out["outputs"]["out"] == str(run / "embeddings")  # file:// is worked on as a local path
     assert pads.dataset(str(run / "embeddings"), format="parquet").count_rows() == tiny_inputs["count"]
     assert json.loads((run / "embeddings" / "_embeddings.json").read_text())["passages"] == tiny_inputs["count"]
     manifest = json.loads((run / "jobs" / "embed_corpus.json").read_text())
@@ -277,9 +276,6 @@ def test_build_index_job_runs_on_the_index_node(embedded, local_head):
     assert (run / "jobs" / "build_index.json").exists()
 
 
-@pytest.mark.xfail(reason="build_index does not read a file:// (or s3://) run dir yet: re2g/index/dense.py "
-                   "scan_embeddings/_parquet_files and build_dense_index, re2g/index/bm25.py build_bm25_index "
-                   "and re2g/config.py save_config take pathlib.Path(uri)", strict=False)
 def test_build_index_job_with_file_uri_run_dir(embedded, local_head):
     run, uri, proc = embedded
     _check(proc)
