@@ -52,6 +52,9 @@ def _register_subapps() -> None:
     app.add_typer(evaluate_app, name="evaluate", help="Score predictions (KILT's official metrics).")
     app.add_typer(train_app, name="train")
     app.command("mine-negatives")(mine_negatives_command)
+    from serve.cli import serve_command  # the front door may import serve/ (DESIGN.md: layout)
+
+    app.command("serve")(serve_command)
 
 
 _register_subapps()
@@ -318,18 +321,93 @@ def predict(
 # --------------------------------------------------------------------------- demo
 
 
+QUESTIONS_TO_ASK = 3
+
+
+def _serve_and_ask(run_dir: str, cfg, *, keep: bool) -> None:
+    """Start the Serve app on the run, answer three dev questions over HTTP, then keep serving (or stop)."""
+    import json as _json
+    import time as _time
+
+    import httpx
+    from ray import serve
+    from rich.table import Table
+
+    from re2g.data.kilt import read_kilt
+    from re2g.data.sample import task_file
+    from serve.app import bind_app
+
+    out = Console()
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(bind_app(run_dir, cfg), name=s.app_name, route_prefix=s.route_prefix)
+    url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    questions = [e.input for e in read_kilt(str(Path(run_dir) / "sample" / task_file(cfg.train.task, "dev")))]
+    questions = questions[:: max(1, len(questions) // QUESTIONS_TO_ASK)][:QUESTIONS_TO_ASK]
+    for q in questions:
+        r = httpx.post(f"{url}/v1/answer", json={"query": q}, timeout=120)
+        body = r.json()
+        out.print(f"[bold]Q:[/] {q}\n[bold green]A:[/] {body.get('answer')}   "
+                  f"[dim]({r.status_code}, {_json.dumps(body.get('timings', {}))})[/]")
+        t = Table(show_header=True)
+        for c in ("pid", "title", "source", "rerank"):
+            t.add_column(c)
+        for p in body.get("provenance", [])[:5]:
+            t.add_row(p["pid"], p["title"], p["source"], f"{p.get('rerank_score', 0):.2f}")
+        out.print(t)
+    if not keep:
+        serve.shutdown()
+        return
+    out.print(f"[bold green]serving[/] {url}/ (web page)  {url}/docs (API)  — Ctrl-C to stop")
+    try:
+        while True:
+            _time.sleep(1.0)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="where the demo writes its files")] = Path("runs/demo"),
-    size: Annotated[str, typer.Option(help="sample task size: tiny | demo")] = "demo",
+def quickstart(
+    run_dir: Annotated[str, typer.Option("--run", help="run directory")] = "runs/quickstart",
+    size: Annotated[str, typer.Option(help="sample task size: tiny (tests, ~2 min) | demo (~10 min)")] = "demo",
+    fresh: Annotated[bool, typer.Option(help="start over (delete the run directory first)")] = False,
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the run at the end")] = True,
+    keep_serving: Annotated[bool, typer.Option(help="keep the server running after the sample questions")] = True,
+    dev_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N dev/test queries")] = 200,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """What `make demo` runs: generate the sample task, split it into passages, print a summary."""
-    from re2g.demo import run_demo
+    """Everything in order on a local Ray: sample task, passages, BM25, DPR (stage 1), embedding + HNSW,
+    generation (stage 2), reranker (stage 3), end-to-end with distillation (stage 4), KILT evaluation,
+    a report with plots, then the Serve app answering three sample questions."""
+    from re2g.eval.report import stages_table, write_report
+    from re2g.quickstart import run_quickstart
+    from re2g.runtime import connect_ray
 
     try:
-        run_demo(out, size=size, console=console)
+        cfg = _load(config, "tiny" if config is None else None,
+                    [f"run_dir={run_dir}", f"data.sample.size={size}", *(set_ or [])])
+        connect_ray(cfg.ray)  # before any JVM starts in this process (see re2g.index.java)
+        summary = run_quickstart(cfg, console=console, fresh=fresh, dev_limit=dev_limit, test_limit=dev_limit)
     except Re2GError as e:
         _fail(e)
+    files = write_report(summary, Path(run_dir) / "reports")
+    out = Console()
+    out.print(stages_table(summary))
+    out.print(f"report: {files['markdown']}  plots: " + ", ".join(str(p) for k, p in files.items()
+                                                              if str(p).endswith(".png")))
+    if serve_after:
+        _serve_and_ask(run_dir, cfg, keep=keep_serving)
+
+
+@app.command()
+def demo(
+    run_dir: Annotated[str, typer.Option("--run", help="run directory")] = "runs/quickstart",
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="stop after the report and the sample answers")] = False,
+) -> None:
+    """What `make demo` runs: `re2g quickstart` on the demo-size sample task."""
+    quickstart(run_dir=run_dir, size="demo", fresh=False, serve_after=True, keep_serving=not no_serve,
+               dev_limit=200, config=None, set_=None)
 
 
 def main() -> None:  # pragma: no cover - console script entry
