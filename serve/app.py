@@ -2,10 +2,11 @@
 FastAPI ``Ingress`` through DeploymentHandles.
 
 ```
-HTTP ─ proxy ─ Ingress (FastAPI: validation, auth, limits, deadline) ─┬─ Retriever  query encoder + dense shards + BM25 + fusion
-                                                                      ├─ Reranker   cross-encoder
-                                                                      └─ Generator  BART, RAG-Sequence/Token decoding
+HTTP ─ proxy ─ Ingress ─┬─ Retriever   query encoder + dense shards + BM25 + fusion
+                        ├─ Reranker    cross-encoder
+                        └─ Generator   BART, RAG-Sequence/Token decoding
 ```
+(the Ingress: FastAPI; validation, API key, limits, deadline)
 
 Each model deployment is a thin wrapper over re2g's :class:`re2g.pipeline.Re2GPipeline` stage that it
 holds (``retrieve`` / ``rerank`` / ``generate``): the same code as the in-process reference path. Each

@@ -50,7 +50,8 @@ def build_serve_config(run_dir: str = "runs/quickstart") -> str:
                        cwd=str(Path(__file__).resolve().parent.parent))
         built = yaml.safe_load(out.read_text())
     app = built["applications"][0]
-    app.update({"name": "re2g", "route_prefix": "/", "import_path": "serve.app:build_app", "args": {"run_dir": run_dir}})
+    app.update({"name": "re2g", "route_prefix": "/", "import_path": "serve.app:build_app",
+                "args": {"run_dir": run_dir}})
     ordered = {k: app[k] for k in ("name", "route_prefix", "import_path", "args", "runtime_env", "deployments")
                if k in app}
     built["applications"] = [ordered]
@@ -70,13 +71,23 @@ def _urls(host: str, port: int, prefix: str) -> str:
     return f"http://{shown}:{port}{prefix.rstrip('/')}"
 
 
+HostOpt = Annotated[Optional[str], typer.Option(help="HTTP host (default serve.host: 127.0.0.1; 0.0.0.0 for all)")]
+PortOpt = Annotated[Optional[int], typer.Option(help="HTTP port (default serve.port: 8000)")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c",
+                                                   help="re2g config YAML (default RUN_DIR/config.yaml)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="override a config field: --set serve.generator.max_replicas=2 (repeatable)")]
+BatchingOpt = Annotated[Optional[bool], typer.Option("--batching/--no-batching",
+                                                     help="dynamic batching (default serve.batching)")]
+
+
 def serve_command(
     run_dir: Annotated[Path, typer.Argument(help="run directory: passages, index/, models/ (the quickstart's)")],
-    host: Annotated[Optional[str], typer.Option(help="HTTP host (default serve.host: 127.0.0.1; 0.0.0.0 for all)")] = None,
-    port: Annotated[Optional[int], typer.Option(help="HTTP port (default serve.port: 8000)")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="re2g config YAML (default RUN_DIR/config.yaml)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set serve.generator.max_replicas=2 (repeatable)")] = None,
-    batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching", help="dynamic batching (default serve.batching)")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batching: BatchingOpt = None,
 ) -> None:
     """Serve RUN_DIR with Ray Serve: the HTTP API (/v1/answer, /v1/retrieve, /v1/rerank, /v1/answer:batch),
     the web page at / and the API reference at /docs. Blocks until Ctrl-C."""
@@ -120,16 +131,15 @@ def serve_command(
         _stop(serve, s.app_name, own_ray, run, stop_shard_actors)
         raise typer.Exit(code=1)
     url = _urls(s.host, s.port, s.route_prefix)
-    out = Console()
-    out.print(f"[bold green]serving[/] {url}/  (web page)   {url}/docs  (API)   {url}/healthz")
-    out.print(f"try: curl -s {url}/v1/answer -d '{{\"query\": \"...\"}}'"
-              + (f" -H '{s.api_key_header}: $KEY'" if api_key else ""))
-    out.print("Ctrl-C to stop")
+    print(f"serving {url}/  (web page)   {url}/docs  (API reference)   {url}/healthz", flush=True)
+    print(f"try: curl -s {url}/v1/answer -d '{{\"query\": \"...\"}}'"
+          + (f" -H '{s.api_key_header}: $KEY'" if api_key else ""), flush=True)
+    print("Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        out.print("stopping")
+        print("stopping", flush=True)
     finally:
         _stop(serve, s.app_name, own_ray, run, stop_shard_actors)
 

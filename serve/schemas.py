@@ -89,7 +89,8 @@ class RerankRequest(_Request):
 
     query: QueryStr
     passages: list[PassageIn] = Field(min_length=1, max_length=MAX_RERANK_PASSAGES)
-    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K, description="passages to return, best first (default: all)")
+    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K,
+                                    description="passages to return, best first (default: all)")
     timeout_s: TimeoutS = None
 
 

@@ -83,7 +83,8 @@ def ask(driver, base_url: str, query: str, timeout: float = 90):
     box.send_keys(query)
     driver.find_element(By.ID, "ask").click()
     WebDriverWait(driver, timeout).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#passages .passage") or d.find_element(By.ID, "error").is_displayed())
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#passages .passage")
+        or d.find_element(By.ID, "error").is_displayed())
 
 
 def test_page_shows_answer_and_evidence(browser, base_url, dev_query):
