@@ -53,10 +53,21 @@ class Context:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    @property
+    def uses_sample(self) -> bool:
+        """True when the run works on the bundled sample task (no knowledge source configured)."""
+        return self.cfg.data.knowledge_source is None
+
+    @property
+    def knowledge_source(self) -> str:
+        return self.cfg.data.knowledge_source or str(Path(self.layout.sample) / "knowledge_source.jsonl")
+
     def task_file(self, split: str) -> str:
+        """The KILT task file of ``split`` (train/dev/test): the config's, else the sample task's."""
         from re2g.data.sample import task_file
 
-        return str(Path(self.layout.sample) / task_file(self.cfg.train.task, split))
+        given = {"train": self.cfg.data.train_file, "dev": self.cfg.data.dev_file, "test": self.cfg.data.test_file}
+        return given[split] or str(Path(self.layout.sample) / task_file(self.cfg.train.task, split))
 
 
 def config_hash(cfg: Re2GConfig) -> str:
@@ -70,6 +81,8 @@ def config_hash(cfg: Re2GConfig) -> str:
 def _sample(ctx: Context) -> dict:
     from re2g.data.sample import generate_sample
 
+    if not ctx.uses_sample:
+        return {"skipped": f"knowledge source given: {ctx.knowledge_source}"}
     s = generate_sample(ctx.layout.sample, ctx.cfg.data.sample, vocab_size=ctx.cfg.models.tiny.vocab_size,
                         overwrite=True, progress=True)
     ctx.console.print(s.table())
@@ -79,8 +92,8 @@ def _sample(ctx: Context) -> dict:
 def _passages(ctx: Context) -> dict:
     from re2g.data.passages import split_knowledge_source
 
-    stats = split_knowledge_source(str(Path(ctx.layout.sample) / "knowledge_source.jsonl"), ctx.layout.passages,
-                                   ctx.cfg.passages, overwrite=True)
+    stats = split_knowledge_source(ctx.knowledge_source, ctx.layout.passages, ctx.cfg.passages,
+                                   skip_bad_rows=ctx.cfg.data.skip_bad_rows, overwrite=True)
     ctx.console.print(stats.table())
     return {"passages": stats.to_dict()}
 
@@ -96,8 +109,9 @@ def _bm25(ctx: Context) -> dict:
 def _init_models(ctx: Context) -> dict:
     from re2g.models.init import init_models
 
+    tokenizers = Path(ctx.layout.sample) / "tokenizers"
     written = init_models(ctx.cfg.models, ctx.run_dir / "models" / "init",
-                          tokenizers_dir=Path(ctx.layout.sample) / "tokenizers")
+                          tokenizers_dir=tokenizers if tokenizers.exists() else None)
     return {"models": {k: str(v) for k, v in written.items()}}
 
 
@@ -159,6 +173,8 @@ def _retrieval(ctx: Context) -> dict:
     locator = PassageLocator.from_table(pq.read_table(ctx.layout.passages, columns=["pid"]))
     out = {}
     for split, limit in (("dev", ctx.dev_limit), ("test", ctx.test_limit)):
+        if not Path(ctx.task_file(split)).exists():
+            continue
         examples = read_kilt(ctx.task_file(split))[:limit]
         reports, skipped = evaluate_retrievers(retrievers, examples, locator)
         ctx.console.print(reports_table(reports, title=f"{split} retrieval ({ctx.cfg.train.task})"))
@@ -249,7 +265,8 @@ def _evaluate(ctx: Context) -> dict:
 
 
 STEPS: list[Step] = [
-    Step("sample", "sample knowledge task", _sample, lambda c: [join(c.layout.sample, "sample.json")]),
+    Step("sample", "sample knowledge task", _sample,
+         lambda c: [join(c.layout.sample, "sample.json")] if c.uses_sample else []),
     Step("passages", "passages (Ray Data)", _passages, lambda c: [c.layout.passages]),
     Step("bm25", "BM25 index (Lucene)", _bm25, lambda c: [c.layout.bm25_index]),
     Step("init_models", "initial tiny models", _init_models, lambda c: [join(c.cfg.run_dir, "models", "init")]),
