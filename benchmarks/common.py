@@ -295,7 +295,8 @@ class Corpus:
         return _count_rows(self.passages)
 
     def dev_queries(self, limit: int | None = None) -> list[str]:
-        """The inputs of every dev task file (slot filling, QA, fact verification), in that order."""
+        """The inputs of every dev task file (slot filling, QA, fact verification), in that order;
+        with ``limit``, that many spread evenly over the list (so every task is represented)."""
         from re2g.data.kilt import read_kilt
         from re2g.data.sample import TASKS, task_file
 
@@ -304,7 +305,9 @@ class Corpus:
             path = self.sample / task_file(task, "dev")
             if path.is_file():
                 out.extend(ex.input for ex in read_kilt(str(path)))
-        return out[:limit] if limit else out
+        if limit and limit < len(out):
+            out = [out[i] for i in np.linspace(0, len(out) - 1, limit).round().astype(int)]
+        return out
 
     def subset(self, n: int | None) -> tuple[Path, int]:
         """The first ``n`` passages as a Parquet directory (all of them when ``n`` is None or not

@@ -22,7 +22,7 @@ def _load(path):
 @pytest.fixture(scope="module")
 def bench_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    return ["--size", "tiny", "--out", str(root / "out"), "--cache", str(root / "cache")]
+    return ["--size", "tiny", "--out", str(root / "out"), "--cache", str(root / "cache"), "--repeats", "1"]
 
 
 def test_benchmarks_write_figures_and_ratios(bench_dirs, ray_local):
