@@ -518,7 +518,14 @@ def test_retriever_with_shard_actors_matches_in_replica_shards(ray_local, client
         assert asyncio.run(sharded.health())["ok"]
     finally:
         assert stop_shard_actors(run_dir) == 2
-    assert not [a for a in ray_local.util.list_named_actors(all_namespaces=True) if a["namespace"] == SHARD_NAMESPACE]
+
+    def left():  # killed actors leave the name registry asynchronously
+        return [a for a in ray_local.util.list_named_actors(all_namespaces=True) if a["namespace"] == SHARD_NAMESPACE]
+
+    deadline = time.time() + 20
+    while left() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left()
 
 
 # --------------------------------------------------------------------------- the HTTP layer alone (fake backend)
