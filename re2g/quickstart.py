@@ -185,8 +185,10 @@ def _retrieval(ctx: Context) -> dict:
 def _generator(ctx: Context) -> dict:
     from re2g.train.generation import train_generator
 
+    from re2g.train.generation import results_table
+
     res = train_generator(ctx.cfg, inputs=_inputs(ctx), log=ctx.console.print)
-    ctx.console.print(res.table())
+    ctx.console.print(results_table(res))
     return _stage_summary(res, "generator", "em")
 
 
@@ -204,8 +206,10 @@ def _reranker(ctx: Context) -> dict:
 def _e2e(ctx: Context) -> dict:
     from re2g.train.generation import train_e2e
 
+    from re2g.train.generation import results_table
+
     res = train_e2e(ctx.cfg, inputs=_inputs(ctx), query_encoder="distill", log=ctx.console.print)
-    ctx.console.print(res.table())
+    ctx.console.print(results_table(res))
     return _stage_summary(res, "e2e", "em")
 
 
@@ -233,9 +237,11 @@ def _systems(ctx: Context) -> dict[str, dict[str, str]]:
     systems = {"untrained": {"biencoder": m("dpr"), "reranker": str(init / "reranker"),
                              "generator": str(init / "generator")}}
     if Path(m("generator")).exists() and Path(m("reranker")).exists():
-        systems["stages 1-3"] = {"biencoder": m("dpr"), "reranker": m("reranker"), "generator": m("generator")}
-    if Path(m("e2e")).exists():
-        e2e = Path(m("e2e"))
+        stage2_qenc = Path(m("generator"), "biencoder")  # stage 2 trains the query encoder too
+        systems["stages 1-3"] = {"biencoder": str(stage2_qenc) if stage2_qenc.exists() else m("dpr"),
+                                 "reranker": m("reranker"), "generator": m("generator")}
+    if Path(m("e2e-distill")).exists():
+        e2e = Path(m("e2e-distill"))
         systems["stage 4 (distill)"] = {k: str(e2e / k) if (e2e / k).exists() else systems.get("stages 1-3", {}).get(k)
                                         for k in ("biencoder", "reranker", "generator")}
     return systems
@@ -276,7 +282,7 @@ STEPS: list[Step] = [
     Step("retrieval", "retrieval report", _retrieval),
     Step("generator", "stage 2: generation (RAG)", _generator, lambda c: [c.layout.model("generator")]),
     Step("reranker", "stage 3: reranker", _reranker, lambda c: [c.layout.model("reranker")]),
-    Step("e2e", "stage 4: end-to-end, distillation", _e2e, lambda c: [c.layout.model("e2e")]),
+    Step("e2e", "stage 4: end-to-end, distillation", _e2e, lambda c: [c.layout.model("e2e-distill")]),
     Step("evaluate", "KILT evaluation (dev, test)", _evaluate),
 ]
 
