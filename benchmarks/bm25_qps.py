@@ -3,8 +3,8 @@ a time, same index, queries and k, in the same run.
 
 Corpus: the first ``--n`` passages of the bench sample (default 100,000; the same subset as the
 dense benchmarks), indexed once by ``build_bm25_index`` and cached. Queries: the sample's dev
-inputs. The JVM is started and warmed up before timing; every mode returns the same hits (checked).
-The modes run in turn, ``--repeats`` rounds; each one's fastest round is reported.
+inputs. The modes run in turn, one untimed round (JVM start, JIT warm-up) then ``--repeats`` rounds;
+each one's fastest round is reported. Every mode returns the same hits (checked).
 
     python -m benchmarks.bm25_qps                  # bench subset, 2,000 queries, k=12
 
@@ -47,9 +47,6 @@ def run(corpus: common.Corpus, *, n: int | None, n_queries: int, k: int, threads
     index_dir, built = bm25_index(corpus, n, threads)
     queries = corpus.dev_queries(n_queries)
     r = BM25Retriever.from_dir(index_dir, threads=threads)
-    r.batch_search(queries[:50], k, threads=threads)  # start the JVM, warm up Lucene
-    for q in queries[:50]:
-        r.search(q, k)
 
     modes = {"search, one by one": lambda: [r.search(q, k) for q in queries],
              "batch_search, 1 thread": lambda: r.batch_search(queries, k, threads=1)}
@@ -57,11 +54,12 @@ def run(corpus: common.Corpus, *, n: int | None, n_queries: int, k: int, threads
         modes[f"batch_search, {threads} threads"] = lambda: r.batch_search(queries, k, threads=threads)
     rounds: dict[str, list[float]] = {label: [] for label in modes}
     hits = {}
-    for _ in range(max(1, repeats)):
+    for rnd in range(max(1, repeats) + 1):  # round 0 starts the JVM and warms up its JIT: not counted
         for label, fn in modes.items():
             out, seconds = common.timed(fn)
             hits[label] = [[h.pid for h in hs] for hs in out]
-            rounds[label].append(round(seconds, 3))
+            if rnd:
+                rounds[label].append(round(seconds, 3))
     rows = {label: {"seconds": min(r), "all_seconds": r, "queries_per_s": round(len(queries) / min(r), 1)}
             for label, r in rounds.items()}
     r.close()
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--queries", type=int, default=2000, help="the first N dev queries")
     p.add_argument("--k", type=int, default=12)
     p.add_argument("--threads", type=int, default=common.usable_cpus(), help="T: threads of the batch search")
-    p.add_argument("--repeats", type=int, default=2, help="rounds over all modes; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds over all modes; the fastest counts")
     args = p.parse_args(argv)
     corpus = common.prepare_corpus(args.size, common.cache_dir(args))
     result = run(corpus, n=args.n, n_queries=args.queries, k=args.k, threads=args.threads, repeats=args.repeats,
