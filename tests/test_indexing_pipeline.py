@@ -173,3 +173,13 @@ def test_jobs_build_the_run_layout(tiny_passages, tiny_models, tmp_path, ray_loc
     assert (run / "jobs" / "build_index.json").exists() and (run / "config.yaml").exists()
     # a bad config is a clear, non-zero exit
     assert build_index.main(["--set", "index.num_shards=0"]) == 2
+
+
+def test_encoder_actors_never_take_every_cpu():
+    from re2g.index.embed import actor_cpu_request
+
+    assert actor_cpu_request(1, 1, 2, False) == 1.0
+    assert actor_cpu_request(2, 1, 2, False) == 0.5       # 2 actors on 2 CPUs: one CPU left for read/write
+    assert actor_cpu_request(4, 2, 64, False) == 2.0      # plenty of CPUs: the thread count
+    assert actor_cpu_request(2, 1, 1, False) == 0.375
+    assert actor_cpu_request(8, 1, 2, True) is None       # GPU actors reserve a GPU, not CPUs

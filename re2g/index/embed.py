@@ -120,6 +120,21 @@ class PassageEmbedder:
         return pa.table({"pid": batch.column("pid"), "vector": _vectors_column(vecs)})
 
 
+SMALL_BLOCK_BYTES = 256 * 1024
+
+
+def actor_cpu_request(actors: int, threads: int, cluster_cpus: float, use_gpu: bool) -> float | None:
+    """CPUs each encoder actor reserves: its thread count, but never so many that the actors take
+    every CPU of the cluster (Ray Data's read and write tasks then never get one and the job hangs)."""
+    if use_gpu:
+        return None
+    want = float(threads)
+    spare = 1.0 if cluster_cpus > 1 else 0.25
+    if actors * want > cluster_cpus - spare:
+        want = max(0.1, (cluster_cpus - spare) / actors)
+    return round(want, 3)
+
+
 def _prepare_out(out: str, overwrite: bool) -> tuple[str, Path | None]:
     """Where to write: a temporary sibling for local outputs (renamed at the end)."""
     if _is_local(out):
@@ -213,12 +228,20 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
 
     n = _check_passages_schema(passages)
     fingerprint = encoder_fingerprint(model_dir)
-    gpus = ray.cluster_resources().get("GPU", 0) if device != "cpu" else 0
-    use_gpu = gpus >= 1
+    resources = ray.cluster_resources()
+    use_gpu = device != "cpu" and resources.get("GPU", 0) >= 1
     dev = "cuda" if use_gpu else "cpu"
+    actor_cpus = actor_cpu_request(actors, threads_per_actor or 1, resources.get("CPU", 1.0), use_gpu)
     t0 = time.time()
     with _staged(out, overwrite) as (target, commit):
-        ds = ray.data.read_parquet(passages, columns=["pid", "title", "text"])
+        ctx = ray.data.DataContext.get_current()
+        saved_block = ctx.target_max_block_size
+        # small blocks, so that a corpus of a few MB still spreads over every encoder actor
+        ctx.target_max_block_size = min(saved_block or SMALL_BLOCK_BYTES, SMALL_BLOCK_BYTES)
+        try:
+            ds = ray.data.read_parquet(passages, columns=["pid", "title", "text"])
+        finally:
+            ctx.target_max_block_size = saved_block
         ds = ds.map_batches(
             PassageEmbedder,
             fn_constructor_kwargs=dict(model_dir=str(model_dir), batch_size=batch_size, max_length=max_length,
@@ -227,7 +250,7 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0,
-            num_cpus=None if use_gpu else (threads_per_actor or 1),
+            num_cpus=actor_cpus,
         )
         ds.write_parquet(target)
         seconds = time.time() - t0
