@@ -179,7 +179,7 @@ def _retrieval(ctx: Context) -> dict:
         reports, skipped = evaluate_retrievers(retrievers, examples, locator)
         ctx.console.print(reports_table(reports, title=f"{split} retrieval ({ctx.cfg.train.task})"))
         out[split] = {r.name: r.metrics for r in reports}
-    return {"retrieval": out, "metric": "dev recall@5 (hybrid)", "after": out["dev"]["hybrid"]["recall@5"]}
+    return {"retrieval": out, "metric": "dev recall@24 (hybrid)", "after": out["dev"]["hybrid"]["recall@24"]}
 
 
 def _generator(ctx: Context) -> dict:
