@@ -322,6 +322,14 @@ def predict(
 
 
 QUESTIONS_TO_ASK = 3
+# Settings under which the tiny models learned on the sample task in tests/test_train_stages.py
+# (shared DPR encoder, short inputs, high learning rates), with step caps that bound the demo's time.
+QUICKSTART_TINY = [
+    "train.cpus_per_worker=0.5", "models.shared_encoder=true", "models.passage_max_length=64",
+    "models.query_max_length=32", "models.reranker_max_length=96",
+    "train.dpr.epochs=5", "train.dpr.batch_size=8", "train.dpr.lr=2e-3", "train.dpr.max_steps=300",
+    "train.reranker.epochs=4", "train.reranker.batch_size=4", "train.reranker.lr=1e-3", "train.reranker.max_steps=300",
+]
 
 
 def _serve_and_ask(run_dir: str, cfg, *, keep: bool) -> None:
@@ -386,7 +394,8 @@ def quickstart(
 
     try:
         cfg = _load(config, "tiny" if config is None else None,
-                    [f"run_dir={run_dir}", f"data.sample.size={size}", *(set_ or [])])
+                    [*(QUICKSTART_TINY if config is None else []), f"run_dir={run_dir}", f"data.sample.size={size}",
+                     *(set_ or [])])
         connect_ray(cfg.ray)  # before any JVM starts in this process (see re2g.index.java)
         summary = run_quickstart(cfg, console=console, fresh=fresh, dev_limit=dev_limit, test_limit=dev_limit)
     except Re2GError as e:

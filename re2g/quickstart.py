@@ -32,12 +32,18 @@ STATE_DIR = ".quickstart"
 @dataclass
 class Step:
     """One quickstart step: ``run(ctx) -> result dict``; skipped when its ``outputs`` exist and its
-    marker records the same config."""
+    marker records the same config. ``needs`` names a module the step cannot run without."""
 
     name: str
     title: str
     run: Callable[["Context"], dict]
     outputs: Callable[["Context"], list[str]] = lambda ctx: []
+    needs: str | None = None
+
+    def available(self) -> bool:
+        import importlib.util
+
+        return self.needs is None or importlib.util.find_spec(self.needs) is not None
 
 
 @dataclass
@@ -280,9 +286,11 @@ STEPS: list[Step] = [
     Step("dpr", "stage 1: DPR (Ray Train + DeepSpeed)", _dpr, lambda c: [c.layout.model("dpr")]),
     Step("index", "embed (Ray Data) + HNSW shards (Ray tasks)", _embed_index, lambda c: [c.layout.dense_index]),
     Step("retrieval", "retrieval report", _retrieval),
-    Step("generator", "stage 2: generation (RAG)", _generator, lambda c: [c.layout.model("generator")]),
+    Step("generator", "stage 2: generation (RAG)", _generator, lambda c: [c.layout.model("generator")],
+         needs="re2g.train.generation"),
     Step("reranker", "stage 3: reranker", _reranker, lambda c: [c.layout.model("reranker")]),
-    Step("e2e", "stage 4: end-to-end, distillation", _e2e, lambda c: [c.layout.model("e2e-distill")]),
+    Step("e2e", "stage 4: end-to-end, distillation", _e2e, lambda c: [c.layout.model("e2e-distill")],
+         needs="re2g.train.generation"),
     Step("evaluate", "KILT evaluation (dev, test)", _evaluate),
 ]
 
@@ -312,6 +320,10 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
     stages = []
     for i, step in enumerate(STEPS, 1):
         if only and step.name not in only:
+            continue
+        if not step.available():
+            console.rule(f"[bold]{i}/{len(STEPS)} {step.title}: not in this version ({step.needs} is missing)")
+            stages.append({"name": step.name, "metric": "not available in this version", "skipped": True})
             continue
         marker = _marker(ctx, step)
         done = marker.exists() and json.loads(marker.read_text()).get("config") == h \
