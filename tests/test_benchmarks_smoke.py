@@ -35,18 +35,21 @@ def test_benchmarks_write_figures_and_ratios(bench_dirs, ray_local):
     assert all(r["passages"] == 200 and r["passages_per_s"] > 0 for r in runs.values())
     assert "ray data 1x1 / local loop (passages/s)" in d["ratios"]
 
+    from re2g.config import load_config
+
+    m = load_config(preset="tiny").index.hnsw_m  # the benchmark's default M is the tiny preset's
     path = hnsw_recall.main(bench_dirs + ["--ef", "16", "64", "--metrics", "mips_l2", "ip"])
     d = _load(path)
     views = d["results"]["views"]
     assert set(views) == {"raw", "standardized"}
     for v in views.values():
         assert v["flat"]["queries_per_s"] > 0
-        assert {(c["metric"], c["m"]) for c in v["hnsw"]} == {("mips_l2", 32), ("ip", 32)}
+        assert {(c["metric"], c["m"]) for c in v["hnsw"]} == {("mips_l2", m), ("ip", m)}
         for c in v["hnsw"]:
             assert set(c["by_ef_search"]) == {"16", "64"}
             assert all(0 <= r["recall@k"] <= 1 and r["queries_per_s"] > 0 for r in c["by_ef_search"].values())
         assert v["presets"]["tiny"]["recall@k"] is None  # efSearch 128 was not measured
-    assert "standardized ip M=32 ef=64: hnsw q/s / flat q/s" in d["ratios"]
+    assert f"standardized ip M={m} ef=64: hnsw q/s / flat q/s" in d["ratios"]
     assert path.with_suffix(".png").stat().st_size > 0
 
     d = _load(shard_build.main(bench_dirs + ["--shards", "2"]))
