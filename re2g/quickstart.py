@@ -138,9 +138,10 @@ def _stage_summary(result, metric_system: str, metric: str) -> dict:
     """before/after of one metric from a StageResult (``system`` rows inside before/after)."""
     before = (result.before.get(metric_system) or next(iter(result.before.values()), {})).get(metric)
     after = (result.after.get(metric_system) or next(iter(result.after.values()), {})).get(metric)
+    storage = Path(result.run.storage)  # RUN_DIR/train/<stage>/ray[/<run>]; the log is in RUN_DIR/train/<stage>
+    log = next((str(d / "metrics.jsonl") for d in (storage, *storage.parents) if (d / "metrics.jsonl").exists()), None)
     return {"metric": f"dev {metric}", "before": before, "after": after, "model_dir": result.model_dir,
-            "eval": result.to_dict(), "metrics_log": str(Path(result.run.storage).parent / "metrics.jsonl")
-            if getattr(result.run, "storage", None) else None}
+            "eval": result.to_dict(), "metrics_log": log}
 
 
 def _dpr(ctx: Context) -> dict:
