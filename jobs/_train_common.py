@@ -15,12 +15,9 @@ def run_training_job(name: str, stage: str, argv: list[str] | None, doc: str) ->
 
         from re2g.train import api
 
-        from re2g.train import generation
-
-        fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint,
-              "generator": generation.train_generator, "e2e": generation.train_e2e}[stage]
+        fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint}[stage]
         result = fn(cfg)
-        Console().print(generation.results_table(result) if stage in ("generator", "e2e") else result.table())
+        Console().print(result.table())
         return result.to_dict()
 
     return run_job(name, args, body)
