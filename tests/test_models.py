@@ -213,6 +213,30 @@ def test_reranker_tiny_scores_and_round_trip(wp_dir, tmp_path):
     assert rr.score_pairs([], [], []).shape == (0,)
 
 
+def test_reranker_exact_match_token_type(wp_dir, tmp_path):
+    """Tiny rerankers mark passage tokens that occur in the query with token type 2 (special tokens,
+    query tokens and padding keep their type); a 2-type model (a real checkpoint) keeps BERT's types."""
+    rr = build_tiny_reranker(wp_dir, TINY)
+    assert rr.exact_match and rr.model.config.type_vocab_size == 3
+    enc = rr.tokenize(["the river3", "town12"], ["town3 lies on the river3", "paris"])
+    ids, types, mask = enc["input_ids"], enc["token_type_ids"], enc["attention_mask"]
+    special = set(rr.tokenizer.all_special_ids)
+    for i in range(2):
+        sep = [j for j, t in enumerate(ids[i].tolist()) if t == rr.tokenizer.sep_token_id][0]
+        query_ids = set(ids[i, 1:sep].tolist())
+        for j in range(ids.shape[1]):
+            tok, ty = int(ids[i, j]), int(types[i, j])
+            if j <= sep or not mask[i, j] or tok in special:
+                assert ty in (0, 1) and ty != 2
+            else:
+                assert ty == (2 if tok in query_ids else 1)
+    assert (types[0] == 2).any() and not (types[1] == 2).any()
+    rr.save_pretrained(tmp_path / "rr")
+    assert CrossEncoder.from_pretrained(tmp_path / "rr").exact_match
+    plain = build_tiny_reranker(wp_dir, TINY.model_copy(update={"reranker_exact_match": False}))
+    assert not plain.exact_match and int(plain.tokenize(["the river3"], ["the river3"])["token_type_ids"].max()) == 1
+
+
 def test_reranker_two_label_checkpoint(wp_dir, tmp_path):
     """A 2-label MS MARCO-style checkpoint (nboost/pt-bert-base-uncased-msmarco): score = logit1 - logit0."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification

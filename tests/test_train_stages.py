@@ -1,8 +1,8 @@
 """Training stages on the tiny sample task: 2 Ray Train workers, DeepSpeed ZeRO-2 on CPU.
 
 One DPR run is shared by the module (it also injects one failure, to test resuming). Measured on
-the 2-core machine (shared): untrained DPR dev Recall@5 0.000 -> 0.148 after 156 steps (R@20
-0.019 -> 0.630); the run takes ~80 s including one restart.
+the 2-core machine (shared), tiny models without dropout: untrained DPR dev Recall@5 0.000 -> 0.991
+after 156 steps (R@1 0.000 -> 0.417, BM25's R@1 0.324); the run takes ~30-80 s including one restart.
 """
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ def test_mined_negatives_exclude_positives(inputs):
 
 def test_dpr_learns(dpr_result):
     before, after = dpr_result.before["dpr"], dpr_result.after["dpr"]
-    # measured: recall@5 0.000 -> 0.148, recall@20 0.019 -> 0.630
+    # measured: recall@5 0.000 -> 0.991, recall@1 0.000 -> 0.417 (with BERT's dropout 0.1: R@5 0.148)
     assert before["recall@5"] <= 0.05
-    assert after["recall@5"] >= before["recall@5"] + 0.08
-    assert after["recall@20"] >= before["recall@20"] + 0.3
+    assert after["recall@5"] >= before["recall@5"] + 0.6
+    assert after["recall@1"] >= before["recall@1"] + 0.2
     assert set(after) >= {"recall@1", "recall@5", "recall@20", "mrr@10", "rprec_page"}
     ev = json.loads(Path(dpr_result.model_dir, "eval.json").read_text())
     assert ev["after"]["dpr"]["recall@5"] == after["recall@5"]
@@ -154,13 +154,14 @@ def test_saved_dpr_loads_with_same_scores(dpr_result, run_cfg, inputs):
 
 
 # --------------------------------------------------------------------------- reranker and joint (slow)
-# Measured here (tiny models from scratch, BM25 top-12 candidates, 2 workers, ZeRO-2):
-#   reranker, 4 epochs, 4 lists/worker, lr 1e-3, 250 steps (~100 s): dev R@1 0.028 -> 0.157,
-#     R@5 0.426 -> 0.602 -- learning, but still below BM25's own order (R@1 0.324): NOT yet the
-#     issue's target (a reranker that beats the retriever order); longer runs (8 epochs, lr 5e-4)
-#     did not get there either.
-#   joint, 3 epochs, lists of 8, lr 2e-3 / 5e-4 (~110 s): retriever R@5 0.000 -> 0.019,
-#     R@20 0.019 -> 0.102.
+# Measured here (tiny models from scratch, no dropout, BM25 top-12 candidates, 2 workers, ZeRO-2):
+#   reranker, 4 epochs, 4 lists/worker, lr 1e-3, 250 steps (~40 s): dev R@1 0.074 -> 0.407,
+#     MRR@10 0.227 -> 0.641, page R-Prec 0.213 -> 0.972; the candidates' own (BM25) order has
+#     R@1 0.324, MRR@10 0.523. Without the exact-match token type (models.tiny.reranker_exact_match)
+#     the same run ends at R@1 0.093: a 64-d cross-encoder from scratch does not learn lexical
+#     matching across the two segments from ~500 queries.
+#   joint, 3 epochs, lists of 8, lr 2e-3 / 5e-4 (~35 s): retriever R@5 0.000 -> 0.991,
+#     R@1 0.000 -> 0.306; its reranker R@1 0.148 -> 0.259.
 
 RERANKER = ["train.reranker.epochs=4", "train.reranker.batch_size=4", "train.reranker.lr=1e-3",
             "train.reranker.log_every=50"]
@@ -174,9 +175,12 @@ def test_reranker_learns_on_hybrid_candidates(run_cfg, inputs):
     from re2g.train.api import train_reranker
 
     r = train_reranker(run_cfg(*RERANKER), inputs=inputs)
-    assert r.after["reranker"]["recall@1"] > r.before["reranker"]["recall@1"] + 0.05
-    assert r.after["reranker"]["mrr@10"] > r.before["reranker"]["mrr@10"]
-    assert "retriever order" in r.before and r.data["lists"]["kept"] > 400
+    after, order = r.after["reranker"], r.before["retriever order"]
+    assert after["recall@1"] > r.before["reranker"]["recall@1"] + 0.2
+    # the issue's bar: better than the order the candidates came in (measured 0.407 vs 0.324)
+    assert after["recall@1"] > order["recall@1"] + 0.03
+    assert after["mrr@10"] > order["mrr@10"] + 0.05
+    assert r.data["lists"]["kept"] > 400
     # the saved reranker gives the worker's in-memory scores
     from re2g.train.stages import RerankerStage
 
@@ -198,6 +202,7 @@ def test_joint_training_raises_retriever_recall(run_cfg, inputs):
 
     r = train_joint(run_cfg(*JOINT), inputs=inputs)
     before, after = r.before["joint-retriever"], r.after["joint-retriever"]
-    assert after["recall@20"] > before["recall@20"] + 0.03
-    assert after["recall@5"] >= before["recall@5"]
+    # measured: R@5 0.000 -> 0.991 from untrained models
+    assert after["recall@5"] >= before["recall@5"] + 0.5
+    assert after["recall@1"] > before["recall@1"] + 0.1
     assert (Path(r.model_dir) / "biencoder").is_dir() and (Path(r.model_dir) / "reranker").is_dir()

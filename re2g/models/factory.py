@@ -25,7 +25,8 @@ def _bert_sizes(tok, tiny: TinyModelConfig) -> dict:
     return dict(vocab_size=len(tok), hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_layers,
                 num_attention_heads=tiny.num_heads, intermediate_size=tiny.intermediate_size,
                 max_position_embeddings=tiny.max_position_embeddings, type_vocab_size=2,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                hidden_dropout_prob=tiny.dropout, attention_probs_dropout_prob=tiny.dropout)
 
 
 # --------------------------------------------------------------------------- tiny models from config
@@ -47,11 +48,16 @@ def build_tiny_biencoder(tokenizer_dir: Any, tiny_cfg: TinyModelConfig, shared: 
 
 def build_tiny_reranker(tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
                         max_length: int = DEFAULT_RERANKER_MAX_LENGTH) -> CrossEncoder:
-    """A 1-label ``BertForSequenceClassification`` of ``tiny_cfg`` sizes over the WordPiece tokenizer."""
+    """A 1-label ``BertForSequenceClassification`` of ``tiny_cfg`` sizes over the WordPiece tokenizer;
+    with ``tiny_cfg.reranker_exact_match`` a third token type marks passage tokens found in the query
+    (see :class:`CrossEncoder`)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = load_tokenizer(tokenizer_dir, "WordPiece tokenizer")
-    model = BertForSequenceClassification(BertConfig(num_labels=1, **_bert_sizes(tok, tiny_cfg)))
+    sizes = _bert_sizes(tok, tiny_cfg)
+    if tiny_cfg.reranker_exact_match:
+        sizes["type_vocab_size"] = 3
+    model = BertForSequenceClassification(BertConfig(num_labels=1, **sizes))
     return CrossEncoder(model, tok, max_length=max_length)
 
 

@@ -163,7 +163,12 @@ def init_reranker_from_biencoder(reranker, biencoder_dir: str) -> None:
     target = getattr(reranker.model, "bert", None)
     if target is None:
         raise ArtifactError(f"{biencoder_dir}: the reranker is not a BERT model; cannot initialize it from a bi-encoder")
-    missing, unexpected = target.load_state_dict(bert.state_dict(), strict=False)
+    state = dict(bert.state_dict())
+    key = "embeddings.token_type_embeddings.weight"
+    mine = target.state_dict().get(key)
+    if key in state and mine is not None and mine.shape[0] > state[key].shape[0]:  # exact-match type: extra rows
+        state[key] = torch.cat([state[key], mine[state[key].shape[0]:]])
+    missing, unexpected = target.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise ArtifactError(f"{biencoder_dir}: bi-encoder and reranker differ (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
