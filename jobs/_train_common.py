@@ -15,9 +15,12 @@ def run_training_job(name: str, stage: str, argv: list[str] | None, doc: str) ->
 
         from re2g.train import api
 
-        fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint}[stage]
+        from re2g.train import generation
+
+        fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint,
+              "generator": generation.train_generator, "e2e": generation.train_e2e}[stage]
         result = fn(cfg)
-        Console().print(result.table())
+        Console().print(generation.results_table(result) if stage in ("generator", "e2e") else result.table())
         return result.to_dict()
 
     return run_job(name, args, body)

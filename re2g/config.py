@@ -349,6 +349,59 @@ class JointTrainConfig(StageTrainConfig):
     ce_weight: float = Field(1.0, ge=0)
 
 
+class GeneratorTrainConfig(StageTrainConfig):
+    """Stage 2 (RAG): query encoder + BART on the target outputs; passages = DPR top-n from the fixed
+    index (held by index-shard Ray actors), weighted by softmax(q . p) and marginalized."""
+
+    lr: float = Field(3e-5, gt=0, description="learning rate of the generator")
+    query_encoder_lr: float | None = Field(None, gt=0, description="learning rate of the query encoder (None: lr)")
+    batch_size: int = Field(8, ge=1, description="queries per worker per micro-batch (each with n_docs passages)")
+    n_docs: int = Field(5, ge=1, description="passages retrieved per query (DPR top-n) and marginalized over")
+    marginalization: Literal["sequence", "token"] | None = Field(
+        None, description="RAG-Sequence or RAG-Token loss (None: generation.marginalization)")
+    train_query_encoder: bool = Field(True, description="train the query encoder with the generator (RAG); "
+                                      "False: only the generator learns")
+    biencoder: str | None = Field(None, description="bi-encoder whose context encoder built the index (None: the "
+                                  "first of RUN_DIR/models/{dpr,dpr_init,biencoder} matching the index)")
+    generator: str | None = Field(None, description="generator to start from (None: models.generator, else "
+                                  "RUN_DIR/models/init/generator, made from config when missing)")
+    dense_index: str | None = Field(None, description="dense index directory (None: RUN_DIR/index/dense; built "
+                                    "with the bi-encoder when missing)")
+    index_actor_cpus: float = Field(0.0, ge=0, description="CPUs reserved per index-shard actor (0: they share "
+                                    "the workers' CPUs; reserve some on a cluster)")
+    reinit_std: float | None = Field(
+        None, gt=0, description="re-draw the starting generator's Linear/Embedding weights from N(0, std) before "
+        "training (a tiny BART from scratch: BART's own 0.02 stayed at the answers' unconditional distribution "
+        "for 1,500 steps on the sample task, 0.1 learned to copy answers within ~1,000); None: keep its weights")
+    max_dev_queries: int | None = Field(100, ge=1, description="evaluate on the first N dev queries (None: all)")
+
+
+class E2ETrainConfig(StageTrainConfig):
+    """Stage 4 (end to end): DPR + BM25 candidates -> reranker top-k -> BART, weighted by the reranker's
+    scores, so the generator's loss trains the reranker; the query encoder per ``query_encoder``."""
+
+    query_encoder: Literal["combined", "frozen", "distill"] = Field(
+        "distill", description="combined: doc score = log_softmax(DPR) + log_softmax(reranker); frozen: query "
+        "encoder not updated; distill: + distill_weight * KL(reranker || DPR) at distill_temperature, "
+        "over all candidates (BM25 hits included)")
+    lr: float = Field(3e-5, gt=0, description="learning rate of the generator")
+    reranker_lr: float | None = Field(None, gt=0, description="learning rate of the reranker (None: lr)")
+    query_encoder_lr: float | None = Field(None, gt=0, description="learning rate of the query encoder (None: lr)")
+    batch_size: int = Field(4, ge=1, description="queries per worker per micro-batch")
+    distill_temperature: float = Field(10.0, gt=0, description="KD temperature T (the loss is KL * T^2)")
+    distill_weight: float = Field(1.0, ge=0, description="weight of the KD loss (distill)")
+    marginalization: Literal["sequence", "token"] | None = Field(
+        None, description="RAG-Sequence or RAG-Token loss (None: generation.marginalization)")
+    biencoder: str | None = Field(None, description="bi-encoder to start from (None: stage 2's, "
+                                  "RUN_DIR/models/generator/biencoder, else one matching the index)")
+    reranker: str | None = Field(None, description="reranker to start from (None: RUN_DIR/models/reranker, "
+                                 "else models.reranker, else one made from config)")
+    generator: str | None = Field(None, description="generator to start from (None: RUN_DIR/models/generator)")
+    dense_index: str | None = Field(None, description="dense index directory (None: RUN_DIR/index/dense)")
+    index_actor_cpus: float = Field(0.0, ge=0, description="CPUs reserved per index-shard actor")
+    max_dev_queries: int | None = Field(100, ge=1, description="evaluate on the first N dev queries (None: all)")
+
+
 class MiningConfig(_Strict):
     """Hard-negative mining for DPR and the joint lists (``re2g mine-negatives``)."""
 
@@ -376,6 +429,8 @@ class TrainConfig(_Strict):
     dpr: DPRTrainConfig = Field(default_factory=DPRTrainConfig)
     reranker: RerankerTrainConfig = Field(default_factory=RerankerTrainConfig)
     joint: JointTrainConfig = Field(default_factory=JointTrainConfig)
+    generator: GeneratorTrainConfig = Field(default_factory=GeneratorTrainConfig)
+    e2e: E2ETrainConfig = Field(default_factory=E2ETrainConfig)
 
 
 class Re2GConfig(_Strict):

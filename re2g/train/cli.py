@@ -16,7 +16,7 @@ from rich.console import Console
 from re2g.errors import Re2GError
 
 console = Console(stderr=True)
-train_app = typer.Typer(help="Train the retrieval side on Ray Train + DeepSpeed: DPR, the reranker, joint.",
+train_app = typer.Typer(help="Train on Ray Train + DeepSpeed: DPR, the generator (RAG), the reranker, end to end, joint.",
                         no_args_is_help=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see `re2g config show`)")]
@@ -57,6 +57,40 @@ def reranker(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = 
 def joint(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """RocketQAv2-style joint training of the retriever and the reranker."""
     _run("joint", config, preset, set_)
+
+
+def _run_generation(stage: str, config, preset, set_, query_encoder: str | None = None) -> None:
+    from re2g.config import load_config
+    from re2g.runtime import connect_ray
+    from re2g.train import generation
+
+    try:
+        cfg = load_config(config, preset=preset, overrides=set_ or [])
+        connect_ray(cfg.ray)
+        log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        if stage == "generator":
+            result = generation.train_generator(cfg, log=log)
+        else:
+            result = generation.train_e2e(cfg, query_encoder=query_encoder, log=log)
+    except Re2GError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    Console().print(generation.results_table(result))
+    console.print(f"model: {result.model_dir}   checkpoint: {result.run.checkpoint_dir}")
+
+
+@train_app.command("generator")
+def generator(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Stage 2: RAG -- the query encoder and BART on the target outputs (DPR passages from the index actors)."""
+    _run_generation("generator", config, preset, set_)
+
+
+@train_app.command("e2e")
+def e2e(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None,
+        query_encoder: Annotated[Optional[str], typer.Option(
+            "--query-encoder", help="combined | frozen | distill (default: train.e2e.query_encoder)")] = None) -> None:
+    """Stage 4: end to end -- the reranker's scores weight the marginalization; query encoder per option."""
+    _run_generation("e2e", config, preset, set_, query_encoder)
 
 
 def mine_negatives_command(

@@ -1,0 +1,227 @@
+"""Stage 2 (generation, RAG) and stage 4 (end to end) on the tiny sample task.
+
+Fast part: the loss of one micro-batch, in process, against the tiny run directory's exact index
+(gradients reach the reranker in stage 4, the query encoder only with ``combined`` and ``distill``;
+``frozen`` leaves it bitwise unchanged; the context encoder never trains), candidate merging, the
+padded score matrices, and one short Ray Train run of stage 2 through the index-shard actors
+(checkpoint with eval.json, saved model layout, before/after metrics).
+
+Slow part (``-m slow``): stage 2 long enough to learn, then stage 3 (reranker) and stage 4 with each
+query-encoder option, on 2 Ray Train workers with DeepSpeed ZeRO-2. Numbers measured here are in
+the docstrings of the tests and in docs/e2e_options.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from re2g.train.generation import (QUERY_ENCODER_OPTIONS, IndexHandle, Re2GModel, e2e_step, merge_candidates,
+                                   passage_scores, plan_examples, rag_step, training_examples)
+
+TINY = ["data.sample.size=tiny", "train.cpus_per_worker=0.5", "train.num_workers=2", "train.deepspeed.zero_stage=2",
+        "models.generator_source_max_length=160", "models.reranker_max_length=96", "models.passage_max_length=64",
+        "models.query_max_length=32", "generation.num_beams=2", "generation.max_new_tokens=8"]
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_merge_candidates_keeps_dpr_then_new_bm25():
+    assert merge_candidates([["a", "b"], ["x"]], [["b", "c", "a", "d"], []]) == [["a", "b", "c", "d"], ["x"]]
+
+
+class _Vectors:
+    def __init__(self, table):
+        self.table = table
+
+    def get_vectors(self, pids):
+        import numpy as np
+
+        return np.stack([self.table[p] for p in pids]).astype("float32")
+
+
+def test_passage_scores_are_padded_inner_products_with_grad():
+    import numpy as np
+
+    idx = _Vectors({"a": np.array([1.0, 0.0]), "b": np.array([0.0, 2.0]), "c": np.array([1.0, 1.0])})
+    q = torch.tensor([[1.0, 2.0], [3.0, -1.0]], requires_grad=True)
+    s, mask = passage_scores(idx, q, [["a", "b", "c"], ["c"]])
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    assert s.tolist() == [[1.0, 4.0, 3.0], [2.0, 0.0, 0.0]]
+    s[mask].sum().backward()
+    assert q.grad.tolist() == [[2.0, 3.0], [1.0, 1.0]]
+
+
+def test_plan_examples_equal_batches_every_epoch():
+    ex = [{"id": str(i), "query": f"q{i}", "target": "t"} for i in range(21)]
+    plan = plan_examples(ex, batch_size=4, epochs=3, world=2, grad_accum=1, max_steps=None, seed=0)
+    assert plan.per_epoch == 5 and plan.steps == 7 and len(plan.rows) == 14
+    assert all(len(mb) == 4 for mb in plan.rows)
+    assert plan.rows[0] != plan.rows[5]  # reshuffled
+
+
+# --------------------------------------------------------------------------- one loss step, in process
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_run_dir):
+    from re2g.index.bm25 import BM25Retriever
+    from re2g.train.stages import passage_lookup
+
+    run = Path(tiny_run_dir)
+    index = IndexHandle(str(run / "index" / "dense")).open()
+    lookup = passage_lookup(str(run / "passages"))
+    batch = training_examples(str(run / "sample" / "tasks" / "slot_filling-train-kilt.jsonl"), limit=3)
+    bm = BM25Retriever.from_dir(str(run / "index" / "bm25"))
+    for x, hs in zip(batch, bm.batch_search([x["query"] for x in batch], 12)):
+        x["bm25"] = [h.pid for h in hs]
+    return run, index, lookup, batch
+
+
+def _model(run: Path, *, reranker: bool, frozen: bool = False) -> Re2GModel:
+    from re2g.models.encoders import BiEncoder
+    from re2g.models.generator import Generator
+    from re2g.models.reranker import CrossEncoder
+
+    rr = CrossEncoder.from_pretrained(run / "models" / "reranker") if reranker else None
+    return Re2GModel(BiEncoder.from_pretrained(run / "models" / "biencoder"),
+                     Generator.from_pretrained(run / "models" / "generator"), rr, frozen_query_encoder=frozen).train()
+
+
+def _grad(module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def _state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("option", QUERY_ENCODER_OPTIONS)
+def test_e2e_gradients_per_option(parts, option):
+    """Stage 4: the generator loss reaches the reranker (its weights change after a step); the query
+    encoder gets gradient only with combined (through the doc scores) and distill (through the KD
+    term); frozen leaves it bitwise unchanged; the context encoder never gets any."""
+    run, index, lookup, batch = parts
+    torch.manual_seed(0)
+    model = _model(run, reranker=True, frozen=option == "frozen")
+    before_q, before_r = _state(model.biencoder.query_encoder), _state(model.reranker)
+    before_c = _state(model.biencoder.ctx_encoder)
+    step = e2e_step(model, batch, index, lookup, option=option, dpr_k=12, rerank_k=5)
+    step.loss.backward()
+    assert _grad(model.reranker) > 0 and _grad(model.generator) > 0
+    assert _grad(model.biencoder.ctx_encoder) == 0
+    if option == "frozen":
+        assert all(p.grad is None for p in model.biencoder.query_encoder.parameters())
+    else:
+        assert _grad(model.biencoder.query_encoder) > 0
+    assert (step.kl is not None) == (option == "distill")
+    # candidates: DPR top-12 then new BM25 hits; the generator saw the reranker's top-5
+    assert all(12 <= len(c) <= 24 for c in step.candidates) and all(len(t) == 5 for t in step.top)
+    assert all(set(t) <= set(c) for t, c in zip(step.top, step.candidates))
+
+    from re2g.train.generation import E2EStage
+
+    groups = E2EStage(None, None, "", None, 1e-3, option=option).param_groups(model)
+    opt = torch.optim.AdamW(groups)
+    opt.step()
+    changed = lambda before, m: any(not torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # noqa: E731
+    assert changed(before_r, model.reranker)
+    assert changed(before_q, model.biencoder.query_encoder) == (option != "frozen")
+    assert not changed(before_c, model.biencoder.ctx_encoder)
+
+
+def test_distill_alone_trains_the_query_encoder(parts):
+    """With the KD weight at 0 the query encoder gets no gradient: in distill, all of it comes from KD."""
+    run, index, lookup, batch = parts
+    model = _model(run, reranker=True)
+    e2e_step(model, batch, index, lookup, option="distill", dpr_k=12, rerank_k=5, distill_weight=0.0).loss.backward()
+    assert _grad(model.biencoder.query_encoder) == 0
+    assert _grad(model.reranker) > 0
+
+
+def test_rag_step_trains_query_encoder_and_generator(parts):
+    """Stage 2: the doc scores q . p (stored vectors from the index) carry gradient to the query encoder."""
+    run, index, lookup, batch = parts
+    model = _model(run, reranker=False)
+    step = rag_step(model, batch, index, lookup, n_docs=5)
+    step.loss.backward()
+    assert _grad(model.biencoder.query_encoder) > 0 and _grad(model.generator) > 0
+    assert _grad(model.biencoder.ctx_encoder) == 0
+    assert step.doc_scores.shape == (3, 5)
+    # the doc scores are the index's own inner products for the retrieved pids
+    q = model.biencoder.embed_queries([batch[0]["query"]])
+    hits = index.search_vectors(q, 5)[0]
+    assert [h.pid for h in hits] == step.top[0]
+
+
+def test_shared_encoder_is_untied_and_saved_with_the_index_fingerprint(parts, tmp_path):
+    from re2g.models.encoders import BiEncoder
+    from re2g.models.generator import Generator
+
+    run = parts[0]
+    bi = BiEncoder.from_pretrained(run / "models" / "biencoder")
+    shared = BiEncoder(bi.query_encoder, None, bi.tokenizer)
+    fp = shared.fingerprint()
+    model = Re2GModel(shared, Generator.from_pretrained(run / "models" / "generator"))
+    assert not model.biencoder.shared and model.biencoder.fingerprint() == fp
+    with torch.no_grad():
+        next(model.biencoder.query_encoder.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "m", generator_at_root=True)
+    assert BiEncoder.from_pretrained(tmp_path / "m" / "biencoder").fingerprint() == fp
+    Generator.from_pretrained(tmp_path / "m")  # loads as a plain generator directory
+    assert type(Re2GModel.from_pretrained(tmp_path / "m").generator) is Generator
+
+
+# --------------------------------------------------------------------------- Ray Train runs
+
+
+def _cfg(run: Path, *extra: str):
+    from re2g.config import load_config
+
+    return load_config(preset="tiny", overrides=[f"run_dir={run}", "index.exact=true", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_run_dir, tmp_path_factory, ray_local):
+    """Stage 2 for 4 steps (checkpoints at 2 and 4) through the index-shard actors."""
+    from re2g.train.generation import train_generator
+
+    run = tmp_path_factory.mktemp("gen-short") / "run"
+    shutil.copytree(tiny_run_dir, run)
+    cfg = _cfg(run, "train.generator.max_steps=4", "train.generator.batch_size=2", "train.generator.checkpoint_every=2",
+               "train.generator.max_dev_queries=4", "train.generator.log_every=2")
+    return run, train_generator(cfg)
+
+
+def test_generator_stage_runs_through_the_shard_actors(short_run, ray_local):
+    from re2g.index.dense import read_manifest
+    from re2g.models.encoders import BiEncoder
+    from re2g.models.generator import Generator
+
+    run, r = short_run
+    assert r.run.steps == 4 and r.run.metrics["step"] == 4
+    for m in (r.before["generator"], r.after["generator"]):
+        assert set(m) >= {"em", "f1", "accuracy", "rprec", "recall@5"}
+    assert r.before["generator"]["em"] == 0.0  # the untrained generator
+    # every checkpoint has the dev metrics of its step beside it
+    ckpts = sorted(p for p in Path(r.run.storage).glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2 and all((c / "eval.json").exists() for c in ckpts)
+    assert "dev" in json.loads((ckpts[0] / "eval.json").read_text())
+    final = json.loads((Path(r.run.checkpoint_dir) / "eval.json").read_text())
+    assert final["after"]["generator"] == r.after["generator"]
+    # the model: a plain generator directory + the bi-encoder still matching the index
+    model = Path(r.model_dir)
+    assert model == run / "models" / "generator"
+    Generator.from_pretrained(model)
+    bi = BiEncoder.from_pretrained(model / "biencoder")
+    assert bi.fingerprint() == read_manifest(run / "index" / "dense")["encoder_fingerprint"]
+    assert (run / "models" / "init" / "generator").is_dir()  # the untrained start was kept
+    # the shard actors are gone
+    from ray.util import list_named_actors
+
+    assert not [a for a in list_named_actors(all_namespaces=True) if "re2g-train-gen" in str(a)]
