@@ -79,7 +79,8 @@ def build_tiny_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
                         encoder_layers=tiny_cfg.num_layers, decoder_layers=tiny_cfg.num_layers,
                         encoder_attention_heads=tiny_cfg.num_heads, decoder_attention_heads=tiny_cfg.num_heads,
                         encoder_ffn_dim=tiny_cfg.intermediate_size, decoder_ffn_dim=tiny_cfg.intermediate_size,
-                        max_position_embeddings=tiny_cfg.max_position_embeddings, **ids)
+                        max_position_embeddings=tiny_cfg.max_position_embeddings, dropout=tiny_cfg.dropout,
+                        attention_dropout=tiny_cfg.dropout, activation_dropout=tiny_cfg.dropout, **ids)
     model = BartForConditionalGeneration(config)
     model.generation_config = GenerationConfig(forced_eos_token_id=tok.eos_token_id, **ids)
     return Generator(model, tok, source_max_length=source_max_length, target_max_length=target_max_length,

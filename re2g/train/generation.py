@@ -808,3 +808,23 @@ def options_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {opt} | {cell('em')} | {cell('f1')} | {cell('rprec')} | {cell('kl')} | {cell('kl_t1')} "
                      f"| {cell('dpr_rprec')} |")
     return "\n".join(lines) + "\n"
+
+
+def compare_e2e_options(cfg, options: Sequence[str] = QUERY_ENCODER_OPTIONS, *, inputs=None, out: str | None = None,
+                        log=print) -> dict[str, Any]:
+    """Stage 4 once per query-encoder option from the same starting models (stage 2's query encoder
+    and generator, stage 3's reranker), each into ``RUN_DIR/models/e2e-<option>``; writes the
+    comparison (:func:`options_markdown`) to ``out`` (default ``RUN_DIR/reports/e2e_options.md``).
+    Returns ``{"results": {option: StageResult}, "markdown": str, "path": str}``."""
+    from re2g.layout import join
+    from re2g.train.api import prepare_inputs
+
+    inputs = inputs or prepare_inputs(cfg)
+    results = {}
+    for option in options:
+        results[option] = train_e2e(cfg, query_encoder=option, inputs=inputs, log=log)
+    md = options_markdown(results)
+    path = out or join(_layout(cfg).reports, "e2e_options.md")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(md)
+    return {"results": results, "markdown": md, "path": str(path)}
