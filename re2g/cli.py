@@ -47,11 +47,12 @@ app.add_typer(config_app, name="config")
 
 def _register_subapps() -> None:
     from re2g.eval.cli import evaluate_app
-    from re2g.train.cli import mine_negatives_command, train_app
+    from re2g.train.cli import candidates_command, mine_negatives_command, train_app
 
     app.add_typer(evaluate_app, name="evaluate", help="Score predictions (KILT's official metrics).")
     app.add_typer(train_app, name="train")
     app.command("mine-negatives")(mine_negatives_command)
+    app.command("candidates")(candidates_command)
     from serve.cli import serve_command  # the front door may import serve/ (DESIGN.md: layout)
 
     app.command("serve")(serve_command)

@@ -403,7 +403,9 @@ class E2ETrainConfig(StageTrainConfig):
 
 
 class MiningConfig(_Strict):
-    """Hard-negative mining for DPR and the joint lists (``re2g mine-negatives``)."""
+    """Hard-negative mining for DPR and the joint lists (``re2g mine-negatives``). The pool fields
+    (``actors`` ... ``actor_resources``) also size the Ray Data job that computes the reranker's
+    candidates (``re2g candidates``)."""
 
     top_k: int = Field(50, ge=1, description="retrieve this many per training query, then filter")
     keep: int = Field(30, ge=1, description="hard negatives kept per query after filtering")
@@ -411,6 +413,13 @@ class MiningConfig(_Strict):
         None, description="drop passages that contain an answer; None: yes, except for fact verification "
         "(answers SUPPORTS/REFUTES)")
     positive_threshold: float = Field(0.75, gt=0, le=1, description="provenance overlap for a positive passage")
+    actors: int | None = Field(None, ge=1, description="retrieval actors in the Ray Data pool that mines negatives "
+                               "and computes candidates (None: min(2, cluster CPUs - 1), at least 1)")
+    actor_cpus: float | None = Field(None, gt=0, description="CPUs each retrieval actor reserves; fractions allowed "
+                                     "(None: bm25.threads, capped so that the pool leaves Ray Data one CPU)")
+    actor_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per retrieval "
+                                              "actor, e.g. {index_node: 1}: the nodes that hold the BM25 index")
+    batch_size: int = Field(256, ge=1, description="queries per retrieval batch (one Ray Data block each)")
 
 
 class TrainConfig(_Strict):

@@ -40,7 +40,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-TRAINING_STAGES = ["mine_negatives", "train_dpr", "train_reranker", "train_joint", "train_generator",
+TRAINING_STAGES = ["mine_negatives", "candidates", "train_dpr", "train_reranker", "train_joint", "train_generator",
                    "train_e2e", "pipeline"]
 SLOW = os.environ.get("RE2G_SLOW_TESTS") == "1"
 
@@ -284,6 +284,29 @@ def test_build_index_job_with_file_uri_run_dir(embedded, local_head):
                           "--overwrite")
     _check(r)
     assert (run / "index-uri" / "dense" / "manifest.json").exists()
+
+
+# --------------------------------------------------------------------------- mining and candidates
+
+
+def test_mine_negatives_and_candidates_jobs_run_their_actors_on_the_index_node(local_head, tiny_inputs,
+                                                                               tmp_path_factory):
+    """The Ray Data retrieval pool of both jobs, placed by ``train.mining.actor_resources`` (as on a
+    cluster: the actors open the BM25 index, so they go where it is); the driver builds what is missing."""
+    run = tmp_path_factory.mktemp("submit-mine") / "run"
+    shutil.copytree(tiny_inputs["passages"], run / "passages")
+    args = ["--preset", "tiny", "--set", f"run_dir={run}", "--set", "data.sample.size=tiny",
+            "--set", "train.mining.actors=1", "--set", "train.mining.actor_resources={index_node: 1}"]
+    out = _job_output(_check(local_head.submit("python", "-m", "jobs.mine_negatives", *args, timeout=600)))
+    assert out["outputs"]["run"]["ray_data"] is True and out["outputs"]["mining"]["queries"] > 400
+    recs = [json.loads(x) for x in (run / "train" / "negatives.jsonl").read_text().splitlines()]
+    assert len(recs) == out["outputs"]["mining"]["queries"]
+    assert all(not set(r["negatives"]) & set(r["positives"]) for r in recs)
+    out = _job_output(_check(local_head.submit("python", "-m", "jobs.candidates", *args, "--split", "dev",
+                                               timeout=600)))
+    assert out["outputs"]["paths"] == {"dev": str(run / "train" / "candidates-dev.jsonl")}
+    assert all(json.loads(x)["candidates"] for x in (run / "train" / "candidates-dev.jsonl").read_text().splitlines())
+    assert (run / "jobs" / "candidates.json").exists() and (run / "jobs" / "mine_negatives.json").exists()
 
 
 # --------------------------------------------------------------------------- training stages

@@ -1,8 +1,10 @@
 """The training stages end to end: inputs, hard negatives, candidates, the Ray Train run, and the
 dev evaluation before and after (written as ``eval.json`` beside the checkpoint and the model).
 
-What ``re2g train …``, ``re2g mine-negatives`` and ``jobs/train_*.py`` call. Every function expects
-the caller to have connected to Ray (``re2g.runtime.connect_ray``).
+What ``re2g train …``, ``re2g mine-negatives``, ``re2g candidates`` and ``jobs/*.py`` call. Every
+function expects the caller to have connected to Ray (``re2g.runtime.connect_ray``). Mining and the
+reranker's candidates run over Ray Data: a pool of retrieval actors, each opening BM25 (its JVM) and
+the dense index itself; the driver only reads the queries and writes the results.
 
 Run directory (see ``re2g.layout``)::
 
@@ -16,6 +18,7 @@ Run directory (see ``re2g.layout``)::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -27,8 +30,8 @@ from pathlib import Path
 from re2g.config import Re2GConfig, StageTrainConfig, save_config
 from re2g.errors import ArtifactError
 from re2g.layout import RunLayout, join
-from re2g.train.data import (QueryRecord, load_queries, mine_negatives, plan_dpr, plan_lists, read_records,
-                             retrieve_candidates, to_dataset, write_records)
+from re2g.train.data import (QueryRecord, load_queries, mine_negatives, mine_negatives_ray, plan_dpr, plan_lists,
+                             read_records, retrieve_candidates, retrieve_candidates_ray, to_dataset, write_records)
 from re2g.train.evaluate import DevSet, metrics_dict, report
 from re2g.train.loop import LoopSpec, StageRun, run_loop
 
@@ -99,11 +102,15 @@ def _bm25(cfg: Re2GConfig, inputs: TrainInputs):
     return BM25Retriever.from_dir(inputs.bm25_index, k1=cfg.bm25.k1, b=cfg.bm25.b, threads=cfg.bm25.threads)
 
 
-def mine(cfg: Re2GConfig, inputs: TrainInputs, *, retriever=None, out: str | None = None,
-         overwrite: bool = False) -> tuple[str, dict]:
-    """Mine hard negatives for the training queries (BM25 unless ``retriever`` is given, e.g. a
-    ``DenseRetriever`` over a trained DPR index for a second round) into ``out`` (default
-    ``inputs.negatives``); skipped when the file exists and not ``overwrite``. Returns (path, stats)."""
+def mine(cfg: Re2GConfig, inputs: TrainInputs, *, retriever=None, dense_index: str | None = None,
+         out: str | None = None, overwrite: bool = False, use_ray: bool = True) -> tuple[str, dict]:
+    """Mine hard negatives for the training queries into ``out`` (default ``inputs.negatives``);
+    skipped when the file exists and not ``overwrite``. Returns (path, stats).
+
+    BM25, or with ``dense_index`` the DPR index searched with ``models.query_encoder`` (a second
+    round). By default over Ray Data (:func:`re2g.train.data.mine_negatives_ray`: a pool of
+    retrieval actors sized by ``train.mining``); ``use_ray=False`` computes the same file in this
+    process, and so does passing a ready ``retriever`` object (it is not shipped to actors)."""
     from re2g.train.stages import passage_lookup
 
     out = out or inputs.negatives
@@ -111,39 +118,82 @@ def mine(cfg: Re2GConfig, inputs: TrainInputs, *, retriever=None, out: str | Non
         return out, {"skipped": "exists"}
     records, load = load_queries(inputs.train_file, _locator(inputs.passages),
                                  threshold=cfg.train.mining.positive_threshold)
-    retriever = retriever or _bm25(cfg, inputs)
-    mined, stats = mine_negatives(records, retriever, passage_lookup(inputs.passages), cfg.train.mining)
+    t0 = time.time()
+    if retriever is not None or not use_ray:
+        retriever = retriever or (_dense(cfg, inputs, dense_index) if dense_index else _bm25(cfg, inputs))
+        mined, stats = mine_negatives(records, retriever, passage_lookup(inputs.passages), cfg.train.mining,
+                                      batch_size=cfg.train.mining.batch_size)
+        how = {"ray_data": False}
+    else:
+        mined, stats, run = mine_negatives_ray(records, _factory(cfg, inputs, dense_index, hybrid=False),
+                                               inputs.passages, cfg.train.mining, threads=cfg.bm25.threads,
+                                               torch_threads=_torch_threads(cfg, dense_index))
+        how = {"ray_data": True, **run.to_dict()}
     write_records(out, mined)
-    info = {"path": out, "load": load.__dict__, "mining": stats.to_dict()}
+    info = {"path": out, "load": load.__dict__, "mining": stats.to_dict(),
+            "run": {**how, "seconds": round(time.time() - t0, 3)}}
     Path(out).with_suffix(".stats.json").write_text(json.dumps(info, indent=2))
     return out, info
+
+
+def _dense(cfg: Re2GConfig, inputs: TrainInputs, dense_index: str):
+    """The DPR retriever over ``dense_index`` with the query encoder ``models`` names."""
+    from re2g.index.retrievers import open_retrievers
+    from re2g.models.factory import load_biencoder
+
+    enc = load_biencoder(cfg.models, inputs.tokenizer)
+    return open_retrievers(cfg, passages=inputs.passages, dense_dir=dense_index, bm25_dir=None,
+                           query_encoder=enc)["dpr"]
 
 
 def _hybrid(cfg: Re2GConfig, inputs: TrainInputs, dense_index: str | None):
     from re2g.index.fusion import HybridRetriever
 
-    dense = None
-    if dense_index:
-        from re2g.index.retrievers import open_retrievers
-        from re2g.models.factory import load_biencoder
-
-        enc = load_biencoder(cfg.models, inputs.tokenizer)
-        dense = open_retrievers(cfg, passages=inputs.passages, dense_dir=dense_index, bm25_dir=None,
-                                query_encoder=enc)["dpr"]
+    dense = _dense(cfg, inputs, dense_index) if dense_index else None
     return HybridRetriever(dense, _bm25(cfg, inputs), cfg.retrieval)
 
 
+def _factory(cfg: Re2GConfig, inputs: TrainInputs, dense_index: str | None, *, hybrid: bool):
+    """A picklable zero-argument callable that opens the retriever inside a Ray Data actor: the
+    hybrid one (candidates), or for mining the dense one with ``dense_index``, else BM25."""
+    if hybrid:
+        return functools.partial(_hybrid, cfg, inputs, dense_index)
+    if dense_index:
+        return functools.partial(_dense, cfg, inputs, dense_index)
+    return functools.partial(_bm25, cfg, inputs)
+
+
+def _torch_threads(cfg: Re2GConfig, dense_index: str | None) -> int | None:
+    """Torch threads per retrieval actor when a query encoder runs in it (None: BM25 only)."""
+    if not dense_index:
+        return None
+    return max(1, int(cfg.train.mining.actor_cpus or 1))
+
+
 def candidates(cfg: Re2GConfig, inputs: TrainInputs, split: str, *, dense_index: str | None = None,
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, use_ray: bool = True) -> str:
     """The hybrid retriever's merged candidates (DPR part only with ``dense_index``) for the
-    ``train`` or ``dev`` queries, written to ``RUN_DIR/train/candidates-<split>.jsonl``."""
+    ``train`` or ``dev`` queries, written to ``RUN_DIR/train/candidates-<split>.jsonl``. By default
+    over Ray Data (:func:`re2g.train.data.retrieve_candidates_ray`, the pool sized by
+    ``train.mining``); ``use_ray=False``: the same file computed in this process."""
+    if split not in ("train", "dev"):
+        from re2g.errors import ConfigError
+
+        raise ConfigError(f"candidates: split {split!r}: expected train or dev")
     out = join(inputs.work_dir, f"candidates-{split}.jsonl")
     if Path(out).exists() and not overwrite:
         return out
     records, _ = load_queries(inputs.train_file if split == "train" else inputs.dev_file,
                               _locator(inputs.passages), threshold=cfg.train.mining.positive_threshold)
     k = cfg.train.reranker.candidates_top_k
-    write_records(out, retrieve_candidates(records, _hybrid(cfg, inputs, dense_index), k))
+    if use_ray:
+        recs, _ = retrieve_candidates_ray(records, _factory(cfg, inputs, dense_index, hybrid=True), k,
+                                          cfg.train.mining, threads=cfg.bm25.threads,
+                                          torch_threads=_torch_threads(cfg, dense_index))
+    else:
+        recs = retrieve_candidates(records, _hybrid(cfg, inputs, dense_index), k,
+                                   batch_size=cfg.train.mining.batch_size)
+    write_records(out, recs)
     return out
 
 

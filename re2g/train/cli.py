@@ -1,7 +1,9 @@
-"""`re2g train dpr|reranker|joint` and `re2g mine-negatives`: thin commands over ``re2g.train.api``.
+"""`re2g train dpr|reranker|joint`, `re2g mine-negatives` and `re2g candidates`: thin commands over
+``re2g.train.api``.
 
-Register with ``app.add_typer(train_app, name="train")`` and
-``app.command("mine-negatives")(mine_negatives_command)``.
+Register with ``app.add_typer(train_app, name="train")``,
+``app.command("mine-negatives")(mine_negatives_command)`` and
+``app.command("candidates")(candidates_command)``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def mine_negatives_command(
     overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
 ) -> None:
     """Mine hard negatives for the training queries: retriever top-k minus positives, passages with a
-    positive's text and (not for fact verification) passages containing an answer."""
+    positive's text and (not for fact verification) passages containing an answer. Runs over Ray
+    Data on a pool of retrieval actors (train.mining.actors, train.mining.actor_cpus)."""
     from re2g.config import load_config
     from re2g.runtime import connect_ray
     from re2g.train import api
@@ -112,16 +115,38 @@ def mine_negatives_command(
         cfg = load_config(config, preset=preset, overrides=set_ or [])
         connect_ray(cfg.ray)
         inputs = api.prepare_inputs(cfg)
-        retriever = None
-        if dense_index:
-            from re2g.index.retrievers import open_retrievers
-            from re2g.models.factory import load_biencoder
-
-            enc = load_biencoder(cfg.models, inputs.tokenizer)
-            retriever = open_retrievers(cfg, passages=inputs.passages, dense_dir=dense_index, bm25_dir=None,
-                                        query_encoder=enc)["dpr"]
-        path, info = api.mine(cfg, inputs, retriever=retriever, out=out, overwrite=overwrite)
+        path, info = api.mine(cfg, inputs, dense_index=dense_index, out=out, overwrite=overwrite)
     except Re2GError as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(code=2)
     Console().print_json(json.dumps({"path": path, **info}, default=str))
+
+
+def candidates_command(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[Optional[list[str]], typer.Option(
+        help="train and/or dev (repeatable; default both)")] = None,
+    dense_index: Annotated[Optional[str], typer.Option(
+        help="the DPR part of the hybrid (default train.reranker.dense_index; none: BM25 alone)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace existing files")] = False,
+) -> None:
+    """The reranker's training candidates: the hybrid retriever's merged DPR + BM25 list of each
+    query, into RUN_DIR/train/candidates-{train,dev}.jsonl. Runs over Ray Data on a pool of
+    retrieval actors (train.mining.actors, train.mining.actor_cpus)."""
+    from re2g.config import load_config
+    from re2g.runtime import connect_ray
+    from re2g.train import api
+
+    splits = split or ["train", "dev"]
+    try:
+        cfg = load_config(config, preset=preset, overrides=set_ or [])
+        connect_ray(cfg.ray)
+        inputs = api.prepare_inputs(cfg)
+        dense = dense_index or cfg.train.reranker.dense_index
+        paths = {s: api.candidates(cfg, inputs, s, dense_index=dense, overwrite=overwrite) for s in splits}
+    except Re2GError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    Console().print_json(json.dumps({"paths": paths, "dense_index": dense}, default=str))

@@ -1,6 +1,11 @@
 """Training data: queries with their positive passages, hard-negative mining, candidate lists, and
 the planning of micro-batches (conflict-free for DPR) that the training loop reads from Ray Data.
 
+Mining and the candidates run in this process (:func:`mine_negatives`, :func:`retrieve_candidates`)
+or over Ray Data (:func:`mine_negatives_ray`, :func:`retrieve_candidates_ray`: ``from_items`` of the
+query records -> ``map_batches`` with :class:`QueryRetrieval` on an ``ActorPoolStrategy`` pool, each
+actor opening its own retriever); both give the same records in the same order.
+
 Mined negatives file (jsonl, one row per training query)::
 
     {"id", "query", "answers": [...], "positives": [pid...], "pages": [wikipedia_id...],
@@ -197,6 +202,174 @@ def retrieve_candidates(records: Sequence[QueryRecord], retriever, k: int | None
             out.append(QueryRecord(r.id, r.query, r.answers, r.positives, r.pages,
                                    negatives=r.negatives, candidates=[h.pid for h in hs]))
     return out
+
+
+# --------------------------------------------------------------------------- over Ray Data
+
+
+def pool_size(actors: int | None, cluster_cpus: float) -> int:
+    """Retrieval actors of the Ray Data pool: ``actors`` when set, else min(2, cluster CPUs - 1),
+    at least 1 (one CPU stays free for Ray Data's own tasks)."""
+    if actors is not None:
+        return int(actors)
+    return max(1, min(2, int(cluster_cpus) - 1))
+
+
+class QueryRetrieval:
+    """Ray Data callable class: one retriever per actor, applied to batches of query records.
+
+    ``make_retriever`` (a picklable zero-argument callable, e.g. a ``functools.partial`` of a
+    module-level function) is called once, in the actor: the JVM behind BM25 and the dense index
+    with its query encoder start there, never in the driver. Rows in: ``{"order": int, "record":
+    json}`` (a :class:`QueryRecord`); rows out: the same with the record's new list set, plus
+    ``"stats": json``.
+
+    * ``task="candidates"``: ``candidates`` = the retriever's top ``k`` pids, as
+      :func:`retrieve_candidates` does; ``stats`` is ``{}``.
+    * ``task="negatives"``: ``negatives`` = the top ``mining.top_k`` filtered by
+      :func:`filter_negatives` with ``drop_answers`` (decided by the caller over all queries), as
+      :func:`mine_negatives` does; the passage lookup is read from ``passages`` in the actor, and
+      ``stats`` holds the row's :class:`MiningStats` counts (they add up over rows).
+
+    ``torch_threads`` caps torch's intra-op threads (for a dense retriever's query encoder), so
+    several actors on one node do not oversubscribe its cores.
+    """
+
+    def __init__(self, make_retriever: Callable[[], Any], *, task: str, k: int | None = None,
+                 passages: str | None = None, mining: dict | None = None, drop_answers: bool = True,
+                 torch_threads: int | None = None):
+        if task not in ("candidates", "negatives"):
+            raise ValueError(f"task: got {task!r}, expected 'candidates' or 'negatives'")
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
+        self.task = task
+        self.k = k
+        self.retriever = make_retriever()
+        self.mining = MiningConfig.model_validate(mining or {})
+        self.drop_answers = drop_answers
+        self.lookup: Mapping[str, PassageInfo] = {}
+        if task == "negatives":
+            if passages is None:
+                raise ValueError("task='negatives' needs the passages (for the passage lookup)")
+            from re2g.index.dense import load_passage_lookup
+
+            self.lookup = load_passage_lookup(passages)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
+        records = [QueryRecord(**json.loads(x)) for x in batch["record"]]
+        top = self.mining.top_k if self.task == "negatives" else self.k
+        hits = self.retriever.batch_search([r.query for r in records], top)
+        out, stats = [], []
+        for r, hs in zip(records, hits):
+            pids = [h.pid for h in hs]
+            if self.task == "negatives":
+                st = MiningStats()
+                neg = filter_negatives(r, pids, self.lookup, drop_answers=self.drop_answers,
+                                       keep=self.mining.keep, stats=st)
+                rec = QueryRecord(r.id, r.query, r.answers, r.positives, r.pages, negatives=neg)
+                stats.append(json.dumps(st.to_dict()))
+            else:
+                rec = QueryRecord(r.id, r.query, r.answers, r.positives, r.pages, negatives=r.negatives,
+                                  candidates=pids)
+                stats.append("{}")
+            out.append(json.dumps(rec.to_dict(), ensure_ascii=False))
+        return {"order": [int(o) for o in batch["order"]], "record": out, "stats": stats}
+
+
+@dataclass
+class PoolRun:
+    """How a Ray Data retrieval pass ran: actors, CPUs each reserved, queries per batch, seconds."""
+
+    actors: int
+    actor_cpus: float
+    batch_size: int
+    blocks: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def retrieve_over_ray_data(records: Sequence[QueryRecord], make_retriever: Callable[[], Any], *, task: str,
+                           k: int | None = None, passages: str | None = None, mining: MiningConfig | None = None,
+                           drop_answers: bool = True, actors: int | None = None, actor_cpus: float | None = None,
+                           threads: int = 1, batch_size: int = 256, resources: Mapping[str, float] | None = None,
+                           torch_threads: int | None = None) -> tuple[list[tuple[QueryRecord, dict]], PoolRun]:
+    """Run :class:`QueryRetrieval` over ``records`` with Ray Data (the caller has connected to Ray):
+    ``from_items`` of the records (one block per ``batch_size`` queries, at least one per actor)
+    -> ``map_batches`` on ``ActorPoolStrategy(size=actors)`` (None: :func:`pool_size`), each actor
+    reserving ``actor_cpus`` CPUs (None: ``threads``, capped by
+    :func:`re2g.index.embed.actor_cpu_request` so the pool leaves Ray Data a CPU; fractions allowed)
+    and the custom ``resources``. Returns ((record, stats) in the order of ``records``, how it ran)."""
+    import math
+    import time
+
+    import ray
+
+    from re2g.errors import ArtifactError
+    from re2g.index.embed import actor_cpu_request
+
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    n_actors = pool_size(actors, cluster_cpus)
+    cpus = float(actor_cpus) if actor_cpus is not None else actor_cpu_request(n_actors, threads, cluster_cpus, False)
+    n = len(records)
+    blocks = max(1, min(n, max(math.ceil(n / batch_size), n_actors)))
+    run = PoolRun(n_actors, cpus, batch_size, blocks, 0.0)
+    if n == 0:
+        return [], run
+    t0 = time.time()
+    items = [{"order": i, "record": json.dumps(r.to_dict(), ensure_ascii=False)} for i, r in enumerate(records)]
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        QueryRetrieval,
+        fn_constructor_kwargs=dict(make_retriever=make_retriever, task=task, k=k, passages=passages,
+                                   mining=(mining or MiningConfig()).model_dump(), drop_answers=drop_answers,
+                                   torch_threads=torch_threads),
+        batch_size=None,  # one block (at most batch_size queries) per call
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_cpus=cpus,
+        resources=dict(resources) if resources else None,
+    )
+    rows = sorted(ds.take_all(), key=lambda row: int(row["order"]))
+    if [int(row["order"]) for row in rows] != list(range(n)):
+        raise ArtifactError(f"Ray Data retrieval returned {len(rows)} rows for {n} queries")
+    out = [(QueryRecord(**json.loads(row["record"])), json.loads(row["stats"])) for row in rows]
+    run.seconds = round(time.time() - t0, 3)
+    return out, run
+
+
+def mine_negatives_ray(records: Sequence[QueryRecord], make_retriever: Callable[[], Any], passages: str,
+                       cfg: MiningConfig, *, threads: int = 1, torch_threads: int | None = None
+                       ) -> tuple[list[QueryRecord], MiningStats, PoolRun]:
+    """:func:`mine_negatives` over Ray Data: the same records in the same order and the same counts,
+    computed by a pool of retrieval actors (``cfg.actors``, ``cfg.actor_cpus``, ``cfg.batch_size``,
+    ``cfg.actor_resources``), each opening its retriever with ``make_retriever`` and reading the
+    passage lookup from ``passages``. Returns (records, counts, how it ran)."""
+    drop = cfg.drop_answer_passages
+    if drop is None:
+        drop = not is_fact_verification(records)
+    pairs, run = retrieve_over_ray_data(records, make_retriever, task="negatives", passages=passages, mining=cfg,
+                                        drop_answers=drop, actors=cfg.actors, actor_cpus=cfg.actor_cpus,
+                                        threads=threads, batch_size=cfg.batch_size, resources=cfg.actor_resources,
+                                        torch_threads=torch_threads)
+    stats = MiningStats()
+    for _, st in pairs:
+        for key, value in st.items():
+            setattr(stats, key, getattr(stats, key) + value)
+    return [r for r, _ in pairs], stats, run
+
+
+def retrieve_candidates_ray(records: Sequence[QueryRecord], make_retriever: Callable[[], Any], k: int | None,
+                            cfg: MiningConfig, *, threads: int = 1, torch_threads: int | None = None
+                            ) -> tuple[list[QueryRecord], PoolRun]:
+    """:func:`retrieve_candidates` over Ray Data (the pool as in :func:`mine_negatives_ray`, sized
+    by ``cfg``): the same records in the same order. Returns (records, how it ran)."""
+    pairs, run = retrieve_over_ray_data(records, make_retriever, task="candidates", k=k, actors=cfg.actors,
+                                        actor_cpus=cfg.actor_cpus, threads=threads, batch_size=cfg.batch_size,
+                                        resources=cfg.actor_resources, torch_threads=torch_threads)
+    return [r for r, _ in pairs], run
 
 
 # --------------------------------------------------------------------------- batches
