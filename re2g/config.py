@@ -90,8 +90,8 @@ class TinyModelConfig(_Strict):
     intermediate_size: int = Field(128, ge=8)
     vocab_size: int = Field(4000, ge=100, description="vocabulary of the locally trained tokenizers")
     max_position_embeddings: int = Field(512, ge=64)
-    dropout: float = Field(0.0, ge=0, lt=1, description="hidden and attention dropout of the tiny BERT models "
-                           "(bi-encoder, reranker). 0 by default: with BERT's 0.1, 64-d models trained from scratch "
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout of the tiny models (BERT hidden and "
+                           "attention dropout; BART dropout, attention and activation dropout). 0 by default: with BERT's 0.1, 64-d models trained from scratch "
                            "on the sample task sat on a loss plateau (DPR on 2 workers: dev R@5 0.00-0.15 vs 0.9+ "
                            "without dropout)")
     reranker_exact_match: bool = Field(True, description="tiny reranker: token type 2 on passage tokens that occur "

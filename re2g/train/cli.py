@@ -95,6 +95,28 @@ def e2e(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None,
     _run_generation("e2e", config, preset, set_, query_encoder)
 
 
+@train_app.command("e2e-options")
+def e2e_options(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+    """Stage 4 once per query-encoder option (combined, frozen, distill) from the same start; the
+    comparison table goes to RUN_DIR/reports/e2e_options.md."""
+    from re2g.config import load_config
+    from re2g.runtime import connect_ray
+    from re2g.train import generation
+
+    try:
+        cfg = load_config(config, preset=preset, overrides=set_ or [])
+        connect_ray(cfg.ray)
+        log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        out = generation.compare_e2e_options(cfg, log=log)
+    except Re2GError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    for option, result in out["results"].items():
+        Console().print(generation.results_table(result))
+    Console().print(out["markdown"])
+    console.print(f"written: {out['path']}")
+
+
 def mine_negatives_command(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
