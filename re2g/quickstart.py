@@ -343,9 +343,13 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
         ctx.results[step.name] = result
         stages.append({"name": step.name, "metric": result.get("metric", ""), "before": result.get("before"),
                        "after": result.get("after"), "seconds": seconds, "skipped": skipped})
+    retrieval = dict(ctx.results.get("retrieval", {}).get("retrieval", {}))
+    reranked = ((ctx.results.get("reranker") or {}).get("eval") or {}).get("after", {}).get("reranker")
+    if reranked and "dev" in retrieval:  # the reranker's order of the hybrid's dev lists (stage 3)
+        retrieval["dev"] = {**retrieval["dev"], "reranked": reranked}
     summary = {
         "run_dir": str(run_dir), "seconds": round(time.time() - t_all, 1), "stages": stages,
-        "retrieval": ctx.results.get("retrieval", {}).get("retrieval", {}),
+        "retrieval": retrieval,
         "downstream": ctx.results.get("evaluate", {}).get("downstream", {}),
         "training": {s: r["metrics_log"] for s, r in ctx.results.items() if isinstance(r, dict) and r.get("metrics_log")},
     }
