@@ -330,6 +330,7 @@ QUICKSTART_TINY = [
     "models.query_max_length=32", "models.reranker_max_length=96",
     "train.dpr.epochs=5", "train.dpr.batch_size=8", "train.dpr.lr=2e-3", "train.dpr.max_steps=300",
     "train.reranker.epochs=4", "train.reranker.batch_size=4", "train.reranker.lr=1e-3", "train.reranker.max_steps=300",
+    "train.generator.max_steps=400", "train.e2e.max_steps=250",  # the tiny size's 378 / 252 steps; caps the demo size
 ]
 
 
@@ -378,7 +379,7 @@ def _serve_and_ask(run_dir: str, cfg, *, keep: bool) -> None:
 @app.command()
 def quickstart(
     run_dir: Annotated[str, typer.Option("--run", help="run directory")] = "runs/quickstart",
-    size: Annotated[str, typer.Option(help="sample task size: tiny (tests, ~2 min) | demo (~10 min)")] = "demo",
+    size: Annotated[str, typer.Option(help="sample task size: tiny (~500 passages) | demo (~5k passages)")] = "demo",
     fresh: Annotated[bool, typer.Option(help="start over (delete the run directory first)")] = False,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the run at the end")] = True,
     keep_serving: Annotated[bool, typer.Option(help="keep the server running after the sample questions")] = True,
