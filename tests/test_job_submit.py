@@ -343,7 +343,7 @@ def test_training_stage_job_runs(stage, local_head, tmp_path_factory):
     run = tmp_path_factory.mktemp(f"submit-{stage}")
     sets = [f"run_dir={run}", "data.sample.size=tiny", "train.num_workers=1", "train.cpus_per_worker=1",
             "train.deepspeed.zero_stage=0"]
-    for section in ("dpr", "reranker", "joint"):
+    for section in ("dpr", "reranker", "joint", "generator", "e2e"):
         sets += [f"train.{section}.max_steps=1", f"train.{section}.max_dev_queries=8"]
     args = ["--preset", "tiny"] + [a for s in sets for a in ("--set", s)]
     _check(local_head.submit("python", "-m", "jobs.mine_negatives", *args, timeout=600))
