@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from re2g.errors import ConfigError
 
@@ -446,7 +446,8 @@ class Re2GConfig(_Strict):
     """Everything a run needs. Saved as ``config.yaml`` in every artifact directory."""
 
     preset: Literal["tiny", "paper", "custom"] = "tiny"
-    run_dir: str = Field("runs/quickstart", description="where the run's artifacts go (path or URI)")
+    run_dir: str = Field("runs/quickstart", validate_default=True,
+                         description="where the run's artifacts go (path or URI; a local path is made absolute)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     data: DataConfig = Field(default_factory=DataConfig)
     passages: PassageConfig = Field(default_factory=PassageConfig)
@@ -458,6 +459,13 @@ class Re2GConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, v: str) -> str:
+        """A local run directory is made absolute: Ray Train workers and Ray Data actors do not run
+        in the driver's working directory, so a relative path would point elsewhere there."""
+        return v if "://" in v else str(Path(v).expanduser().resolve())
 
 
 # --------------------------------------------------------------------------- loading
