@@ -190,9 +190,7 @@ def _retrieval(ctx: Context) -> dict:
 
 
 def _generator(ctx: Context) -> dict:
-    from re2g.train.generation import train_generator
-
-    from re2g.train.generation import results_table
+    from re2g.train.generation import results_table, train_generator
 
     res = train_generator(ctx.cfg, inputs=_inputs(ctx), log=ctx.console.print)
     ctx.console.print(results_table(res))
@@ -215,9 +213,7 @@ def _reranker(ctx: Context) -> dict:
 
 
 def _e2e(ctx: Context) -> dict:
-    from re2g.train.generation import train_e2e
-
-    from re2g.train.generation import results_table
+    from re2g.train.generation import results_table, train_e2e
 
     res = train_e2e(ctx.cfg, inputs=_inputs(ctx), query_encoder="distill", log=ctx.console.print)
     ctx.console.print(results_table(res))

@@ -261,10 +261,7 @@ def e2e_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping,
     cands = merge_candidates(dpr, [x.get("bm25", []) for x in batch])
     z_dpr, mask = passage_scores(index, q, cands)                             # (B, C)
     z_r = rerank_matrix(model.reranker, queries, cands, lookup, mask)         # (B, C)
-    k = min(rerank_k, int(mask.sum(-1).min()))
-    top = z_r.detach().masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices  # (B, k) best first
-    zr_top, zd_top = z_r.gather(1, top), z_dpr.gather(1, top)                 # (B, k)
-    doc = (torch.log_softmax(zd_top, -1) + torch.log_softmax(zr_top, -1)) if option == "combined" else zr_top
+    top, doc = rerank_top(z_r, z_dpr, mask, rerank_k, option)                # (B, k) best first, (B, k)
     top_pids = [[c[j] for j in row] for c, row in zip(cands, top.tolist())]
     gen = model.generator
     enc_t = gen.tokenize_targets([x["target"] for x in batch])
@@ -275,6 +272,18 @@ def e2e_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping,
         kl = distill_kl(z_r, z_dpr, mask, temperature)
         loss = nll + distill_weight * kl
     return StepParts(loss, nll.detach(), None if kl is None else kl.detach(), doc, cands, top_pids)
+
+
+def rerank_top(z_r: torch.Tensor, z_dpr: torch.Tensor, mask: torch.Tensor, k: int,
+               option: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reranker's top-``k`` candidate positions (B, k), best first, and the document scores that
+    weight the marginalization over them: ``log_softmax(z_dpr) + log_softmax(z_r)`` for ``combined``,
+    else ``z_r`` (B, k)."""
+    k = min(k, int(mask.sum(-1).min()))
+    top = z_r.detach().masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
+    zr_top, zd_top = z_r.gather(1, top), z_dpr.gather(1, top)
+    doc = (torch.log_softmax(zd_top, -1) + torch.log_softmax(zr_top, -1)) if option == "combined" else zr_top
+    return top, doc
 
 
 def rerank_matrix(reranker, queries: Sequence[str], cands: Sequence[Sequence[str]], lookup: Mapping,
@@ -363,10 +372,7 @@ def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence[str]]
             z_r = rerank_matrix(model.reranker, queries, cands, lookup, mask, batch_size=64)
             kls.append(float(distill_kl(z_r, z_dpr, mask, temperature)) * len(queries))
             kls1.append(float(listwise_kl(z_r, z_dpr, mask)) * len(queries))
-            k = min(rerank_k, int(mask.sum(-1).min()))
-            top = z_r.masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
-            zr_top, zd_top = z_r.gather(1, top), z_dpr.gather(1, top)
-            doc = (torch.log_softmax(zd_top, -1) + torch.log_softmax(zr_top, -1)) if option == "combined" else zr_top
+            top, doc = rerank_top(z_r, z_dpr, mask, rerank_k, option)
             passages = []
             for b, (c, row) in enumerate(zip(cands, top.tolist())):
                 src = {p: "dpr" for p in dpr[b]}
