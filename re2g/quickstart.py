@@ -134,13 +134,16 @@ def _mine(ctx: Context) -> dict:
     return {"negatives": out, "info": info}
 
 
-def _stage_summary(result, metric_system: str, metric: str) -> dict:
-    """before/after of one metric from a StageResult (``system`` rows inside before/after)."""
-    before = (result.before.get(metric_system) or next(iter(result.before.values()), {})).get(metric)
+def _stage_summary(result, metric_system: str, metric: str, before_system: str | None = None,
+                   label: str | None = None) -> dict:
+    """before/after of one metric from a StageResult (``system`` rows inside before/after);
+    ``before_system`` names another row as the baseline (the reranker's: the lists' own order)."""
+    before_row = result.before.get(before_system or metric_system) or next(iter(result.before.values()), {})
+    before = before_row.get(metric)
     after = (result.after.get(metric_system) or next(iter(result.after.values()), {})).get(metric)
     storage = Path(result.run.storage)  # RUN_DIR/train/<stage>/ray[/<run>]; the log is in RUN_DIR/train/<stage>
     log = next((str(d / "metrics.jsonl") for d in (storage, *storage.parents) if (d / "metrics.jsonl").exists()), None)
-    return {"metric": f"dev {metric}", "before": before, "after": after, "model_dir": result.model_dir,
+    return {"metric": label or f"dev {metric}", "before": before, "after": after, "model_dir": result.model_dir,
             "eval": result.to_dict(), "metrics_log": log}
 
 
@@ -209,7 +212,9 @@ def _reranker(ctx: Context) -> dict:
         cfg.train.reranker.init_from_biencoder = ctx.layout.model("dpr")
     res = train_reranker(cfg, inputs=_inputs(ctx), log=ctx.console.print)
     ctx.console.print(res.table())
-    return _stage_summary(res, "reranker", "recall@1")
+    # what stage 3 adds: its order of the hybrid's dev lists against the order they come in
+    return _stage_summary(res, "reranker", "recall@1", before_system="retriever order",
+                          label="dev recall@1 (hybrid order -> reranked)")
 
 
 def _e2e(ctx: Context) -> dict:

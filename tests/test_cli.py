@@ -47,3 +47,13 @@ def test_sample_and_passages_commands(tmp_path):
     run("sample", str(tmp_path / "s"), "--size", "tiny", "--overwrite")
     run("passages", str(tmp_path / "s" / "knowledge_source.jsonl"), str(tmp_path / "p"))
     assert list((tmp_path / "p").glob("*.parquet"))
+
+
+def test_demo_asks_one_question_per_relation():
+    from re2g.cli import _sample_questions
+    from re2g.data.kilt import KiltExample
+
+    exs = [KiltExample(id=str(i), input=f"P{i // 3} [SEP] {r}") for i, r in enumerate(["a", "a", "b", "a", "c", "d"])]
+    assert [e.id for e in _sample_questions(exs)] == ["0", "2", "4"]
+    plain = [KiltExample(id=str(i), input=f"question {i}?") for i in range(5)]
+    assert [e.id for e in _sample_questions(plain)] == ["0", "1", "2"]

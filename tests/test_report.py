@@ -26,10 +26,13 @@ def test_report_files_and_contents(tmp_path):
     for k in ("training_curves", "recall_dev", "answers_dev"):
         assert files[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["markdown"].read_text()
-    assert "| dpr | dev recall@5 | 0.100 | 0.600 | +0.500 |" in md
+    assert "| dpr | dev recall@5 | 0.100 | 0.600 | +0.500 | 30 |" in md
     assert "skipped" in md and "recall_dev.png" in md and "**q?** → a" in md
     assert json.loads(files["json"].read_text())["seconds"] == 123.0
-    assert stages_table(summary).row_count == 2
+    table = stages_table(summary)
+    assert table.row_count == 3  # two stages and the total
+    assert [c._cells[-1] for c in table.columns][0] == "total"
+    assert table.columns[-1]._cells == ["30", "skipped", "123"]
 
 
 def test_report_with_nothing_in_it(tmp_path):

@@ -79,8 +79,11 @@ def plot_recall_curves(systems: dict[str, dict], out_png: str | Path, title: str
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, pts in lines.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]  # curves that coincide stay visible
+    for i, (name, pts) in enumerate(lines.items()):
+        marker, ls = styles[i % len(styles)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=ls, markersize=7 - i,
+                label=name)
     ax.set_xscale("log")
     ks = sorted({p[0] for pts in lines.values() for p in pts})
     ax.set_xticks(ks)
@@ -139,9 +142,16 @@ def stages_table(summary: dict):
     for s in summary.get("stages", []):
         before, after = s.get("before"), s.get("after")
         change = f"{after - before:+.3f}" if isinstance(before, (int, float)) and isinstance(after, (int, float)) else ""
-        secs = "skipped" if s.get("skipped") else _num(s.get("seconds"))
+        secs = "skipped" if s.get("skipped") else _secs(s.get("seconds"))
         t.add_row(s["name"], s.get("metric", ""), _num(before), _num(after), change, secs)
+    if summary.get("seconds") is not None:
+        t.add_section()
+        t.add_row("total", "", "", "", "", _secs(summary["seconds"]))
     return t
+
+
+def _secs(x) -> str:
+    return f"{x:.0f}" if isinstance(x, (int, float)) else "—"
 
 
 def _md_table(rows: dict[str, dict], keys: list[str] | None = None) -> str:
@@ -175,7 +185,7 @@ def write_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:
             b, a = s.get("before"), s.get("after")
             ch = f"{a - b:+.3f}" if isinstance(b, (int, float)) and isinstance(a, (int, float)) else ""
             md.append(f"| {s['name']} | {s.get('metric', '')} | {_num(b)} | {_num(a)} | {ch} | "
-                      f"{'skipped (already there)' if s.get('skipped') else _num(s.get('seconds'))} |")
+                      f"{'skipped (already there)' if s.get('skipped') else _secs(s.get('seconds'))} |")
         md.append("")
     for split, systems in summary.get("retrieval", {}).items():
         md.append(f"## Retrieval ({split})\n\n{_md_table(systems)}\n")
