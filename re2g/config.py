@@ -18,12 +18,25 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from re2g.errors import ConfigError
+
+
+def _absolute_if_local(v: str | None) -> str | None:
+    """An existing local path is made absolute (Ray Train workers and Ray Data actors do not run in
+    the driver's working directory); URIs, hub names (``org/model``) and paths not there yet are kept."""
+    if v is None or "://" in v:
+        return v
+    p = Path(v).expanduser()
+    return str(p.resolve()) if p.exists() else v
+
+
+# a model, index or data location: a path (made absolute when it exists here), a URI or a hub name
+Location = Annotated[str | None, AfterValidator(_absolute_if_local)]
 
 CONFIG_FILENAME = "config.yaml"
 PRESETS = ("tiny", "paper")
@@ -70,11 +83,11 @@ class DataConfig(_Strict):
     """Where the knowledge source and tasks come from."""
 
     sample: SampleConfig = Field(default_factory=SampleConfig)
-    knowledge_source: str | None = Field(
+    knowledge_source: Location = Field(
         None, description="KILT knowledge source jsonl (path or URI); None: use the sample task")
-    train_file: str | None = Field(None, description="KILT task jsonl for training")
-    dev_file: str | None = Field(None, description="KILT task jsonl for dev evaluation")
-    test_file: str | None = Field(None, description="KILT task jsonl for test evaluation")
+    train_file: Location = Field(None, description="KILT task jsonl for training")
+    dev_file: Location = Field(None, description="KILT task jsonl for dev evaluation")
+    test_file: Location = Field(None, description="KILT task jsonl for test evaluation")
     skip_bad_rows: bool = Field(False, description="skip malformed rows (counted and reported) instead of stopping")
 
 
@@ -109,10 +122,10 @@ class ModelsConfig(_Strict):
     """The four models of Re2G. Each is a hub name or a local ``save_pretrained`` directory;
     ``None`` means: build a tiny model from ``tiny`` with the locally trained tokenizers."""
 
-    query_encoder: str | None = Field(None, description="DPR question encoder (name or path)")
-    ctx_encoder: str | None = Field(None, description="DPR context encoder (name or path)")
-    reranker: str | None = Field(None, description="BERT cross-encoder (name or path)")
-    generator: str | None = Field(None, description="BART seq2seq generator (name or path)")
+    query_encoder: Location = Field(None, description="DPR question encoder (name or path)")
+    ctx_encoder: Location = Field(None, description="DPR context encoder (name or path)")
+    reranker: Location = Field(None, description="BERT cross-encoder (name or path)")
+    generator: Location = Field(None, description="BART seq2seq generator (name or path)")
     shared_encoder: bool = Field(False, description="one encoder for queries and passages instead of two")
     query_max_length: int = Field(64, ge=8, le=4096)
     passage_max_length: int = Field(128, ge=8, le=4096)
@@ -328,11 +341,11 @@ class RerankerTrainConfig(StageTrainConfig):
     batch_size: int = Field(4, ge=1, description="queries per worker per micro-batch (each with its list)")
     max_pairs_per_query: int = Field(24, ge=2, description="candidate list length cap (positives + negatives)")
     max_positives: int = Field(2, ge=1, description="positives kept per list")
-    dense_index: str | None = Field(
+    dense_index: Location = Field(
         None, description="dense index for the DPR part of the candidates (with models.query_encoder); "
         "None: BM25 candidates only")
     candidates_top_k: int | None = Field(None, ge=1, description="hybrid top-k per query (None: dpr_top_k + bm25_top_k)")
-    init_from_biencoder: str | None = Field(
+    init_from_biencoder: Location = Field(
         None, description="start the reranker's BERT from this saved bi-encoder's query encoder (tiny models, "
         "which have no pretrained language model; None: models.reranker as configured)")
 
@@ -361,11 +374,11 @@ class GeneratorTrainConfig(StageTrainConfig):
         None, description="RAG-Sequence or RAG-Token loss (None: generation.marginalization)")
     train_query_encoder: bool = Field(True, description="train the query encoder with the generator (RAG); "
                                       "False: only the generator learns")
-    biencoder: str | None = Field(None, description="bi-encoder whose context encoder built the index (None: the "
+    biencoder: Location = Field(None, description="bi-encoder whose context encoder built the index (None: the "
                                   "first of RUN_DIR/models/{dpr,dpr_init,biencoder} matching the index)")
-    generator: str | None = Field(None, description="generator to start from (None: models.generator, else "
+    generator: Location = Field(None, description="generator to start from (None: models.generator, else "
                                   "RUN_DIR/models/init/generator, made from config when missing)")
-    dense_index: str | None = Field(None, description="dense index directory (None: RUN_DIR/index/dense; built "
+    dense_index: Location = Field(None, description="dense index directory (None: RUN_DIR/index/dense; built "
                                     "with the bi-encoder when missing)")
     index_actor_cpus: float = Field(0.0, ge=0, description="CPUs reserved per index-shard actor (0: they share "
                                     "the workers' CPUs; reserve some on a cluster)")
@@ -392,12 +405,12 @@ class E2ETrainConfig(StageTrainConfig):
     distill_weight: float = Field(1.0, ge=0, description="weight of the KD loss (distill)")
     marginalization: Literal["sequence", "token"] | None = Field(
         None, description="RAG-Sequence or RAG-Token loss (None: generation.marginalization)")
-    biencoder: str | None = Field(None, description="bi-encoder to start from (None: stage 2's, "
+    biencoder: Location = Field(None, description="bi-encoder to start from (None: stage 2's, "
                                   "RUN_DIR/models/generator/biencoder, else one matching the index)")
-    reranker: str | None = Field(None, description="reranker to start from (None: RUN_DIR/models/reranker, "
+    reranker: Location = Field(None, description="reranker to start from (None: RUN_DIR/models/reranker, "
                                  "else models.reranker, else one made from config)")
-    generator: str | None = Field(None, description="generator to start from (None: RUN_DIR/models/generator)")
-    dense_index: str | None = Field(None, description="dense index directory (None: RUN_DIR/index/dense)")
+    generator: Location = Field(None, description="generator to start from (None: RUN_DIR/models/generator)")
+    dense_index: Location = Field(None, description="dense index directory (None: RUN_DIR/index/dense)")
     index_actor_cpus: float = Field(0.0, ge=0, description="CPUs reserved per index-shard actor")
     max_dev_queries: int | None = Field(100, ge=1, description="evaluate on the first N dev queries (None: all)")
 
@@ -432,7 +445,7 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed)")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per stage")
-    negatives: str | None = Field(None, description="mined negatives jsonl (None: RUN_DIR/train/negatives.jsonl)")
+    negatives: Location = Field(None, description="mined negatives jsonl (None: RUN_DIR/train/negatives.jsonl)")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     mining: MiningConfig = Field(default_factory=MiningConfig)
     dpr: DPRTrainConfig = Field(default_factory=DPRTrainConfig)

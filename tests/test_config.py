@@ -84,3 +84,23 @@ def test_saved_config_round_trip(tmp_path):
     assert isinstance(back, Re2GConfig)
     assert back == c
     assert config_to_yaml(back) == path.read_text()
+
+
+def test_local_paths_become_absolute_names_and_uris_stay(tmp_path, monkeypatch):
+    """Ray Train workers do not run in the driver's cwd: existing relative paths are resolved at load
+    (and on assignment); hub names, URIs and paths not there yet are kept as given."""
+    (tmp_path / "models" / "dpr").mkdir(parents=True)
+    (tmp_path / "dev.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(preset="tiny", overrides=["run_dir=runs/x", "models.query_encoder=models/dpr",
+                                                "models.generator=facebook/bart-base", "data.dev_file=dev.jsonl",
+                                                "train.e2e.reranker=s3://bucket/reranker",
+                                                "train.generator.biencoder=not/yet/there"])
+    assert cfg.run_dir == str(tmp_path / "runs" / "x")
+    assert cfg.models.query_encoder == str(tmp_path / "models" / "dpr")
+    assert cfg.data.dev_file == str(tmp_path / "dev.jsonl")
+    assert cfg.models.generator == "facebook/bart-base"
+    assert cfg.train.e2e.reranker == "s3://bucket/reranker"
+    assert cfg.train.generator.biencoder == "not/yet/there"
+    cfg.train.reranker.init_from_biencoder = "models/dpr"
+    assert cfg.train.reranker.init_from_biencoder == str(tmp_path / "models" / "dpr")
