@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
         inputs = api.prepare_inputs(cfg)
         dense = args.dense_index or cfg.train.reranker.dense_index
-        paths = {s: api.candidates(cfg, inputs, s, dense_index=dense, overwrite=args.overwrite)
-                 for s in args.split or ["train", "dev"]}
+        paths = api.candidate_files(cfg, inputs, args.split or ["train", "dev"], dense_index=dense,
+                                    overwrite=args.overwrite)
         return {"paths": paths, "dense_index": dense}
 
     return run_job("candidates", args, body)

@@ -17,8 +17,23 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 EXTRAS="dev,train,bm25"
 if [ "$CUDA" = 1 ]; then EXTRAS="$EXTRAS,gpu"; else EXTRAS="$EXTRAS,cpu"; fi
 
+# DeepSpeed builds its CPU communication op (shm_comm) the first time a training run starts on a
+# machine (~1 min on 2 cores); built here instead, so the demo's first stage does not pay for it.
+# It lives in torch's extension cache, outside .venv, so this is checked on every run (a glob: instant).
+build_deepspeed_ops() {
+  [ "$CUDA" = 1 ] && return 0
+  local dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+  if ls "$dir"/*/deepspeed_shm_comm/*.so >/dev/null 2>&1; then return 0; fi
+  echo "== building DeepSpeed's CPU communication op (once per machine)"
+  "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator
+b = get_accelerator().create_op_builder('ShareMemCommBuilder')
+b is None or b.load(verbose=False)" >/dev/null 2>&1 \
+    || echo "!! DeepSpeed's shm_comm op did not build here; DeepSpeed will try again when training starts"
+}
+
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-cuda$CUDA
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  build_deepspeed_ops
   exit 0
 fi
 
@@ -50,5 +65,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "${RE2G_SKIP_BROWSER:-0}" != 1 ]; 
   fi
 fi
 
+build_deepspeed_ops
 echo "$want" > "$STAMP"
 echo "== re2g setup done"

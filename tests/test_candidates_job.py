@@ -96,14 +96,16 @@ def test_mining_over_ray_data_equals_in_process(run, tmp_path):
 
 
 def test_candidates_over_ray_data_equal_in_process(run, tmp_path):
-    """Without a dense index the hybrid is BM25 alone (train.reranker.dense_index unset)."""
-    from re2g.train.api import candidates
+    """Without a dense index the hybrid is BM25 alone (train.reranker.dense_index unset). Both splits
+    in one Ray Data pass (what train_reranker does) equal each split computed on its own."""
+    from re2g.train.api import candidate_files, candidates
 
     cfg_f, inputs_f = run
     cfg = cfg_f()
+    both = candidate_files(cfg, inputs_f(cfg, tmp_path / "ray"), ("train", "dev"))
     for split in ("train", "dev"):
         ref = candidates(cfg, inputs_f(cfg, tmp_path / "local"), split, use_ray=False)
-        got = candidates(cfg, inputs_f(cfg, tmp_path / "ray"), split)
+        got = both[split]
         assert Path(got).name == f"candidates-{split}.jsonl"
         _same_file(ref, got)
         recs = [json.loads(x) for x in _lines(got)]

@@ -24,6 +24,7 @@ import math
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,15 +177,26 @@ def candidates(cfg: Re2GConfig, inputs: TrainInputs, split: str, *, dense_index:
     ``train`` or ``dev`` queries, written to ``RUN_DIR/train/candidates-<split>.jsonl``. By default
     over Ray Data (:func:`re2g.train.data.retrieve_candidates_ray`, the pool sized by
     ``train.mining``); ``use_ray=False``: the same file computed in this process."""
-    if split not in ("train", "dev"):
+    return candidate_files(cfg, inputs, (split,), dense_index=dense_index, overwrite=overwrite, use_ray=use_ray)[split]
+
+
+def candidate_files(cfg: Re2GConfig, inputs: TrainInputs, splits: Sequence[str], *, dense_index: str | None = None,
+                    overwrite: bool = False, use_ray: bool = True) -> dict[str, str]:
+    """:func:`candidates` for several splits: the ones not written yet go through one retrieval
+    pass (one actor pool, one JVM and index load per actor), then are written per split."""
+    bad = [s for s in splits if s not in ("train", "dev")]
+    if bad:
         from re2g.errors import ConfigError
 
-        raise ConfigError(f"candidates: split {split!r}: expected train or dev")
-    out = join(inputs.work_dir, f"candidates-{split}.jsonl")
-    if Path(out).exists() and not overwrite:
-        return out
-    records, _ = load_queries(inputs.train_file if split == "train" else inputs.dev_file,
-                              _locator(inputs.passages), threshold=cfg.train.mining.positive_threshold)
+        raise ConfigError(f"candidates: split {bad[0]!r}: expected train or dev")
+    outs = {s: join(inputs.work_dir, f"candidates-{s}.jsonl") for s in splits}
+    todo = [s for s in dict.fromkeys(splits) if overwrite or not Path(outs[s]).exists()]
+    if not todo:
+        return outs
+    locator = _locator(inputs.passages)
+    per_split = {s: load_queries(inputs.train_file if s == "train" else inputs.dev_file, locator,
+                                 threshold=cfg.train.mining.positive_threshold)[0] for s in todo}
+    records = [r for s in todo for r in per_split[s]]
     k = cfg.train.reranker.candidates_top_k
     if use_ray:
         recs, _ = retrieve_candidates_ray(records, _factory(cfg, inputs, dense_index, hybrid=True), k,
@@ -193,8 +205,11 @@ def candidates(cfg: Re2GConfig, inputs: TrainInputs, split: str, *, dense_index:
     else:
         recs = retrieve_candidates(records, _hybrid(cfg, inputs, dense_index), k,
                                    batch_size=cfg.train.mining.batch_size)
-    write_records(out, recs)
-    return out
+    start = 0
+    for s in todo:  # the records come back in the order they went in
+        write_records(outs[s], recs[start:start + len(per_split[s])])
+        start += len(per_split[s])
+    return outs
 
 
 # --------------------------------------------------------------------------- running a stage
@@ -365,8 +380,8 @@ def train_reranker(cfg: Re2GConfig, *, inputs: TrainInputs | None = None, fail_o
 
     inputs = inputs or prepare_inputs(cfg)
     c = cfg.train.reranker
-    train_c = read_records(candidates(cfg, inputs, "train", dense_index=c.dense_index))
-    dev_path = candidates(cfg, inputs, "dev", dense_index=c.dense_index)
+    files = candidate_files(cfg, inputs, ("train", "dev"), dense_index=c.dense_index)  # one retrieval pass
+    train_c, dev_path = read_records(files["train"]), files["dev"]
     lookup = passage_lookup(inputs.passages)
     plan, stats = plan_lists(train_c, lookup, source="candidates", batch_size=c.batch_size, epochs=c.epochs,
                              max_len=c.max_pairs_per_query, max_positives=c.max_positives,

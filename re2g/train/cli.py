@@ -167,7 +167,7 @@ def candidates_command(
         connect_ray(cfg.ray)
         inputs = api.prepare_inputs(cfg)
         dense = dense_index or cfg.train.reranker.dense_index
-        paths = {s: api.candidates(cfg, inputs, s, dense_index=dense, overwrite=overwrite) for s in splits}
+        paths = api.candidate_files(cfg, inputs, splits, dense_index=dense, overwrite=overwrite)
     except Re2GError as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(code=2)
