@@ -18,12 +18,13 @@ EXTRAS="dev,train,bm25"
 if [ "$CUDA" = 1 ]; then EXTRAS="$EXTRAS,gpu"; else EXTRAS="$EXTRAS,cpu"; fi
 
 # DeepSpeed builds its CPU communication op (shm_comm) the first time a training run starts on a
-# machine (~1 min on 2 cores); built here instead, so the demo's first stage does not pay for it.
+# machine (~20–30 s on 2 cores); built here instead, so the demo's first stage does not pay for it.
 # It lives in torch's extension cache, outside .venv, so this is checked on every run (a glob: instant).
 build_deepspeed_ops() {
   [ "$CUDA" = 1 ] && return 0
   local dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
-  if ls "$dir"/*/deepspeed_shm_comm/*.so >/dev/null 2>&1; then return 0; fi
+  # torch adds a py<ver>_<device> level under the default directory, not under TORCH_EXTENSIONS_DIR
+  for so in "$dir"/deepspeed_shm_comm/*.so "$dir"/*/deepspeed_shm_comm/*.so; do [ -e "$so" ] && return 0; done
   echo "== building DeepSpeed's CPU communication op (once per machine)"
   "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator
 b = get_accelerator().create_op_builder('ShareMemCommBuilder')
