@@ -283,6 +283,11 @@ class ServeConfig(_Strict):
     shard_actors: bool | None = Field(None, description="dense shards in named Ray actors shared by the retriever "
                                       "replicas (None: index.shard_actors)")
     shard_actor_cpus: float = Field(0.25, ge=0, description="CPUs reserved per shard actor")
+    shard_actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="other Ray resources per shard actor, e.g. {memory: 3.0e10} (bytes) or "
+        "a custom node resource that marks the index nodes")
+    shard_actor_max_restarts: int = Field(3, ge=-1, description="restarts of a shard actor that died (-1: always); "
+                                          "searches sent meanwhile are retried")
     health_check_period_s: float = Field(10.0, gt=0, description="Serve calls check_health this often")
     health_check_timeout_s: float = Field(30.0, gt=0, description="a health check slower than this fails")
     ingress: IngressServeConfig = Field(default_factory=IngressServeConfig)

@@ -181,7 +181,8 @@ def start_shard_index(pieces: RunPieces, cfg: Re2GConfig, fingerprint: str | Non
 
     return ActorShardedIndex.start(pieces.dense_dir, expected_fingerprint=fingerprint, ef_search=cfg.index.ef_search,
                                    num_cpus=cfg.serve.shard_actor_cpus, namespace=SHARD_NAMESPACE,
-                                   get_if_exists=True, detached=True)
+                                   resources=cfg.serve.shard_actor_resources or None,
+                                   max_restarts=cfg.serve.shard_actor_max_restarts, get_if_exists=True, detached=True)
 
 
 def stop_shard_actors(run_dir: str | Path) -> int:

@@ -277,6 +277,8 @@ def test_cluster_paper_config_loads():
     assert cfg.models.ctx_encoder and cfg.models.query_encoder and cfg.models.reranker and cfg.models.generator
     assert cfg.index.num_shards == 8 and cfg.index.hnsw_m == 128 and cfg.index.shard_actors
     assert cfg.train.use_gpu and cfg.train.num_workers % 8 == 0
+    # served shard actors ask for an index node and come back when theirs is lost
+    assert cfg.serve.shard_actor_resources == {"index_node": 1.0} and cfg.serve.shard_actor_max_restarts == -1
     # the 8 shard actors fit the index node type (one index_node each)
     aws = _load(LAUNCHER["aws"])["available_node_types"]["index_mem"]["resources"]["index_node"]
     assert cfg.index.num_shards <= aws * _load(LAUNCHER["aws"])["available_node_types"]["index_mem"]["max_workers"]

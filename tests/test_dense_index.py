@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -220,6 +221,28 @@ def test_actor_sharded_search_equals_in_process(data, flat_sharded, tmp_path, ra
                 actors.get_vectors(["p1", "nope"])
         finally:
             actors.shutdown()
+
+
+def test_shard_actor_restarts_after_it_dies(data, flat_sharded, ray_local):
+    """``max_restarts``: a shard actor killed (as when its node is lost) comes back with its shard
+    reloaded, and a search sent while it restarts is retried and returns the same results."""
+    from re2g.index.shards import ActorShardedIndex
+
+    local = DenseIndex.load(flat_sharded.path)
+    actors = ActorShardedIndex.start(flat_sharded.path, expected_fingerprint=FP, num_cpus=0.1,
+                                     namespace="dense-restart", max_restarts=1)
+    try:
+        def pid():
+            return ray_local.get(actors.actors[1].__ray_call__.remote(lambda self: os.getpid()))
+
+        want = local.search_vectors(data["Q"][:5], 10)
+        assert actors.search_vectors(data["Q"][:5], 10) == want
+        before = pid()
+        ray_local.kill(actors.actors[1], no_restart=False)
+        assert actors.search_vectors(data["Q"][:5], 10) == want
+        assert pid() != before  # a new process: the actor was restarted and loaded its shard again
+    finally:
+        actors.shutdown()
 
 
 def test_actor_start_reports_corrupt_shard(flat_sharded, tmp_path, ray_local):

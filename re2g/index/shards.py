@@ -92,7 +92,7 @@ class ActorShardedIndex:
               ef_search: int | None = None, num_cpus: float = 0.25, threads: int = 1,
               resources: dict[str, float] | None = None, spread: bool = True,
               name_prefix: str | None = None, namespace: str | None = None,
-              get_if_exists: bool = True, detached: bool = False,
+              get_if_exists: bool = True, detached: bool = False, max_restarts: int = 0,
               actor_options: dict[str, Any] | None = None,
               passages: Mapping[str, PassageInfo] | str | Path | None = None) -> "ActorShardedIndex":
         """One named ``ShardActor`` per shard of ``index_dir``, loaded and checked before returning.
@@ -101,7 +101,9 @@ class ActorShardedIndex:
         scheduling so shards land on different nodes; names are ``{name_prefix}{i:03d}``
         (default prefix from the index id) in ``namespace`` (default: the job's). With
         ``get_if_exists`` an actor of that name already running is reused. ``detached`` actors
-        outlive this driver. Raises :class:`ArtifactError` (missing/corrupt shard, fingerprint
+        outlive this driver. ``max_restarts``: Ray restarts a shard actor that died (its node lost,
+        out of memory) up to that many times (-1: always), reloading the shard, and retries the
+        searches sent meanwhile (they only read). Raises :class:`ArtifactError` (missing/corrupt shard, fingerprint
         mismatch); on error the actors started here are killed.
         """
         d = Path(index_dir).absolute()
@@ -121,6 +123,8 @@ class ActorShardedIndex:
                     opts["scheduling_strategy"] = "SPREAD"
                 if detached:
                     opts["lifetime"] = "detached"
+                if max_restarts:
+                    opts["max_restarts"] = opts["max_task_retries"] = max_restarts
                 opts.update(actor_options or {})
                 actors.append(ShardActor.options(**opts).remote(str(d), entry, m, verify, ef_search, threads))
                 names.append(name)
