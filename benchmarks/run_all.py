@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks import bm25_qps, common, embed_throughput, hnsw_recall, shard_build
+from benchmarks import bm25_qps, common, embed_throughput, hnsw_recall, passage_lookup, shard_build
 
-BENCHMARKS = (embed_throughput, hnsw_recall, shard_build, bm25_qps)
+BENCHMARKS = (embed_throughput, hnsw_recall, shard_build, bm25_qps, passage_lookup)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

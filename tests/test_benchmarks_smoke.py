@@ -60,3 +60,11 @@ def test_benchmarks_write_figures_and_ratios(bench_dirs, ray_local):
     assert d["results"]["same_hits_in_every_mode"] is True
     assert d["results"]["modes"]["batch_search, 2 threads"]["queries_per_s"] > 0
     assert "batch_search, 2 threads / search, one by one (q/s)" in d["ratios"]
+
+    from benchmarks import passage_lookup
+
+    d = _load(passage_lookup.main(bench_dirs[:-2] + ["--lookups", "2000"]))  # (no --repeats)
+    assert d["results"]["same_texts"] is True
+    assert set(d["results"]["variants"]) == {"dict", "PassageLookup"}
+    assert all(v["lookups_per_s"] > 0 and v["passages"] > 400 for v in d["results"]["variants"].values())
+    assert "dict / PassageLookup (memory)" in d["ratios"]

@@ -223,6 +223,32 @@ def test_actor_sharded_search_equals_in_process(data, flat_sharded, tmp_path, ra
             actors.shutdown()
 
 
+def test_passage_lookup_is_a_mapping_over_arrow():
+    """PassageLookup (what load_passage_lookup returns): the dict it replaced, without a Python
+    object per passage; a pid given twice keeps its first row; unknown or non-str keys are missing."""
+    import pickle
+
+    import pyarrow as pa
+
+    from re2g.index.dense import PassageLookup
+
+    t = pa.table({"pid": ["b", "a", "c::[1,2]", "a", "é::[1,1]"], "title": ["B", "A", None, "A2", "E"],
+                  "text": ["tb", "ta", "tc", "x", "te"], "wikipedia_id": [2, 1, None, 9, 5]})
+    lookup = PassageLookup.from_table(pa.concat_tables([t.slice(0, 2), t.slice(2)]))  # two chunks
+    assert dict(lookup) == {"b": ("B", "tb", "2"), "a": ("A", "ta", "1"), "c::[1,2]": ("", "tc", None),
+                            "é::[1,1]": ("E", "te", "5")}
+    assert list(lookup) == ["b", "a", "c::[1,2]", "é::[1,1]"] and len(lookup) == 4  # corpus order
+    assert "a" in lookup and "c::[1,2]x" not in lookup and "" not in lookup and 3 not in lookup
+    with pytest.raises(KeyError, match="zz"):
+        lookup["zz"]
+    assert lookup.get("zz") is None
+    assert dict(pickle.loads(pickle.dumps(lookup))) == dict(lookup)  # shipped to Ray workers
+    empty = PassageLookup.from_table(t.slice(0, 0))
+    assert len(empty) == 0 and list(empty) == [] and "a" not in empty
+    no_wid = PassageLookup.from_table(t.drop_columns(["wikipedia_id"]))
+    assert no_wid["b"] == ("B", "tb", None)
+
+
 def test_shard_actor_restarts_after_it_dies(data, flat_sharded, ray_local):
     """``max_restarts``: a shard actor killed (as when its node is lost) comes back with its shard
     reloaded, and a search sent while it restarts is retried and returns the same results."""

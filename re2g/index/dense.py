@@ -655,9 +655,68 @@ def hits_from_merged(merged: list[list[tuple[str, float]]],
     return out
 
 
-def load_passage_lookup(path: str | Path) -> dict[str, PassageInfo]:
-    """``pid -> (title, text, wikipedia_id)`` from a passages Parquet (file or directory)
-    with columns ``pid, title, text`` (+ optional ``wikipedia_id``)."""
+class PassageLookup(Mapping):
+    """``pid -> (title, text, wikipedia_id)`` over Arrow columns: no Python object per passage.
+
+    The texts stay in Arrow buffers and the pids in one sorted fixed-width bytes array searched by
+    numpy (``np.searchsorted``), so a 21M-passage corpus costs about its raw text plus ~25 bytes per
+    pid, where a ``dict`` of tuples of ``str`` costs several times that in every process holding it
+    (each Serve replica, each training worker). A pid given twice keeps its first row.
+    """
+
+    def __init__(self, pids: "pa.Array", titles: "pa.Array", texts: "pa.Array", wids: "pa.Array | None" = None):
+        self._titles, self._texts, self._wids = titles, texts, wids
+        keys = np.array([p.encode("utf-8") for p in pids.to_pylist()], dtype=np.bytes_)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        first = np.ones(len(keys), dtype=bool)  # a pid given twice: its first row (the sort is stable)
+        first[1:] = keys[1:] != keys[:-1]
+        self._keys, self._rows = keys[first], order[first].astype(np.int64)
+
+    @classmethod
+    def from_table(cls, table: "pa.Table") -> "PassageLookup":
+        t = table.combine_chunks()
+
+        def col(name: str):
+            import pyarrow as pa
+
+            c = t.column(name)
+            return c.chunk(0) if c.num_chunks else pa.array([], type=c.type)
+
+        return cls(col("pid"), col("title"), col("text"), col("wikipedia_id") if "wikipedia_id" in t.column_names else None)
+
+    def _row(self, pid: str) -> int:
+        if not isinstance(pid, str):
+            raise KeyError(pid)
+        key = np.bytes_(pid.encode("utf-8"))
+        i = int(np.searchsorted(self._keys, key))
+        if i >= len(self._keys) or self._keys[i] != key:
+            raise KeyError(pid)
+        return int(self._rows[i])
+
+    def __getitem__(self, pid: str) -> PassageInfo:
+        r = self._row(pid)
+        w = None if self._wids is None else self._wids[r].as_py()
+        return (self._titles[r].as_py() or "", self._texts[r].as_py() or "", None if w is None else str(w))
+
+    def __contains__(self, pid: object) -> bool:
+        try:
+            self._row(pid)  # type: ignore[arg-type]
+        except KeyError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self):
+        for i in np.argsort(self._rows):  # corpus order
+            yield self._keys[i].decode("utf-8")
+
+
+def load_passage_lookup(path: str | Path) -> PassageLookup:
+    """``pid -> (title, text, wikipedia_id)`` (a :class:`PassageLookup`) from a passages Parquet
+    (file or directory) with columns ``pid, title, text`` (+ optional ``wikipedia_id``)."""
     import pyarrow.dataset as ds
 
     try:
@@ -667,12 +726,13 @@ def load_passage_lookup(path: str | Path) -> dict[str, PassageInfo]:
     for col in ("pid", "title", "text"):
         if col not in table.column_names:
             raise DataFormatError(str(path), "missing column", field=col)
-    pids = table.column("pid").to_pylist()
-    titles = table.column("title").to_pylist()
-    texts = table.column("text").to_pylist()
-    wids = (table.column("wikipedia_id").to_pylist() if "wikipedia_id" in table.column_names
-            else [None] * len(pids))
-    return {p: (t or "", x or "", None if w is None else str(w)) for p, t, x, w in zip(pids, titles, texts, wids)}
+    lookup = PassageLookup.from_table(table.select([c for c in ("pid", "title", "text", "wikipedia_id")
+                                                    if c in table.column_names]))
+    del table
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # the chunks read (combined into one): their pages back
+    return lookup
 
 
 class DenseIndex:
