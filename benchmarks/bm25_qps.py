@@ -80,12 +80,9 @@ def run(corpus: common.Corpus, *, n: int | None, n_queries: int, k: int, threads
 
 
 def table(result: common.Result):
-    from rich.table import Table
-
     p = result.params
-    t = Table(title=f"BM25 (Lucene) queries/s, {p['passages']:,} passages, {p['queries']:,} queries, k={p['k']}")
-    for col in ("mode", "seconds (fastest)", "queries/s", "vs one by one", "all rounds"):
-        t.add_column(col, justify="left" if col == "mode" else "right")
+    t = common.new_table(f"BM25 (Lucene) queries/s, {p['passages']:,} passages, {p['queries']:,} queries, k={p['k']}",
+                         ("mode", "seconds (fastest)", "queries/s", "vs one by one", "all rounds"))
     one = result.results["modes"]["search, one by one"]["queries_per_s"]
     for label, r in result.results["modes"].items():
         t.add_row(label, common.fmt(r["seconds"], 2), common.fmt(r["queries_per_s"]),
@@ -106,10 +103,7 @@ def main(argv: list[str] | None = None) -> Path:
     corpus = common.prepare_corpus(args.size, common.cache_dir(args))
     result = run(corpus, n=args.n, n_queries=args.queries, k=args.k, threads=args.threads, repeats=args.repeats,
                  result=common.Result(NAME))
-    common.print_table(table(result))
-    path = result.write(args.out)
-    common.print_written(path)
-    return path
+    return common.finish(result, table(result), args.out)
 
 
 if __name__ == "__main__":

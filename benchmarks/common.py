@@ -196,6 +196,24 @@ def print_written(*paths: Path) -> None:
     _console().print("[bold]wrote[/bold] " + ", ".join(str(p) for p in paths))
 
 
+def new_table(title: str, columns: Sequence[str], *, left: int = 1):
+    """A rich table with these columns: the first ``left`` (labels) left-aligned, the figures right."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < left else "right")
+    return t
+
+
+def finish(result: Result, table, out_dir: Path) -> Path:
+    """Print ``table``, write the result's JSON into ``out_dir`` and say where; returns the path."""
+    print_table(table)
+    path = result.write(out_dir)
+    print_written(path)
+    return path
+
+
 def save_figure(fig, path: Path) -> Path:
     """Save a matplotlib figure as PNG and close it."""
     import matplotlib.pyplot as plt

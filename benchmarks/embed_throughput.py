@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = run(corpus, limit=args.limit, batch_size=args.batch_size, max_length=max_length,
                  threads=args.threads, small_blocks=args.small_blocks,
                  repeats=args.repeats, result=common.Result(NAME))
-    common.print_table(table(result))
-    path = result.write(args.out)
-    common.print_written(path)
-    return path
+    return common.finish(result, table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -264,14 +264,11 @@ def run(corpus: common.Corpus, *, n: int | None, passage_max_length: int, query_
 
 
 def table(result: common.Result):
-    from rich.table import Table
-
     p, r = result.params, result.results
-    t = Table(title=f"HNSW recall@{p['k']} vs exact, {p['vectors']:,} vectors (dim {p['dim']}), "
-                    f"{p['queries']:,} queries, {p['faiss_threads']} faiss threads")
-    for col in ("vectors", "index", "efSearch", f"recall@{p['k']}", "score recall", "queries/s", "vs flat",
-                "build s"):
-        t.add_column(col, justify="left" if col in ("vectors", "index") else "right")
+    t = common.new_table(f"HNSW recall@{p['k']} vs exact, {p['vectors']:,} vectors (dim {p['dim']}), "
+                         f"{p['queries']:,} queries, {p['faiss_threads']} faiss threads",
+                         ("vectors", "index", "efSearch", f"recall@{p['k']}", "score recall", "queries/s", "vs flat",
+                          "build s"), left=2)
     for view, v in r["views"].items():
         flat_qps = v["flat"]["queries_per_s"]
         t.add_row(view, "flat (exact, ip)", "-", "1.0000", "1.0000", common.fmt(flat_qps), "1.00x",

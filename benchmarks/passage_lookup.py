@@ -87,12 +87,9 @@ def run(corpus: common.Corpus, *, n_lookups: int, result: common.Result) -> comm
 
 
 def table(result: common.Result):
-    from rich.table import Table
-
     p = result.params
-    t = Table(title=f"pid -> passage lookup, {p['passages']:,} passages, {p['lookups']:,} random lookups")
-    for col in ("variant", "memory (MB)", "bytes/passage", "build (s)", "lookups/s"):
-        t.add_column(col, justify="left" if col == "variant" else "right")
+    t = common.new_table(f"pid -> passage lookup, {p['passages']:,} passages, {p['lookups']:,} random lookups",
+                         ("variant", "memory (MB)", "bytes/passage", "build (s)", "lookups/s"))
     for kind, r in result.results["variants"].items():
         t.add_row(kind, common.fmt(r["memory_bytes"] / 1e6), common.fmt(r["bytes_per_passage"]),
                   common.fmt(r["build_seconds"], 2), f"{r['lookups_per_s']:,}")
@@ -106,10 +103,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     corpus = common.prepare_corpus(args.size, common.cache_dir(args))
     result = run(corpus, n_lookups=args.lookups, result=common.Result(NAME))
-    common.print_table(table(result))
-    path = result.write(args.out)
-    common.print_written(path)
-    return path
+    return common.finish(result, table(result), args.out)
 
 
 if __name__ == "__main__":

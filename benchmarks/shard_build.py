@@ -90,13 +90,10 @@ def run(corpus: common.Corpus, *, n: int | None, from_n: int | None, passage_max
 
 
 def table(result: common.Result):
-    from rich.table import Table
-
     p = result.params
-    t = Table(title=f"dense index build, {p['vectors']:,} vectors ({p['view']}), HNSW M={p['hnsw_m']} "
-                    f"efConstruction={p['ef_construction']} {p['metric']}")
-    for col in ("run", "tasks x threads", "seconds (fastest)", "speed-up", "all rounds"):
-        t.add_column(col, justify="left" if col == "run" else "right")
+    t = common.new_table(f"dense index build, {p['vectors']:,} vectors ({p['view']}), HNSW M={p['hnsw_m']} "
+                         f"efConstruction={p['ef_construction']} {p['metric']}",
+                         ("run", "tasks x threads", "seconds (fastest)", "speed-up", "all rounds"))
     one = result.results["runs"]["1 shard, 1 task"]["seconds"]
     for label, r in result.results["runs"].items():
         t.add_row(label, f"{r['tasks']} x {r['threads_per_task']}", common.fmt(r["seconds"]),
@@ -120,10 +117,7 @@ def main(argv: list[str] | None = None) -> Path:
     corpus = common.prepare_corpus(args.size, common.cache_dir(args))
     result = run(corpus, n=args.n, from_n=args.from_n, passage_max_length=args.passage_max_length, view=args.view,
                  shards=args.shards, repeats=args.repeats, result=common.Result(NAME))
-    common.print_table(table(result))
-    path = result.write(args.out)
-    common.print_written(path)
-    return path
+    return common.finish(result, table(result), args.out)
 
 
 if __name__ == "__main__":

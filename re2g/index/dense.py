@@ -675,15 +675,11 @@ class PassageLookup(Mapping):
 
     @classmethod
     def from_table(cls, table: "pa.Table") -> "PassageLookup":
-        t = table.combine_chunks()
-
+        """From a table with columns ``pid, title, text`` (+ optional ``wikipedia_id``); chunks are combined."""
         def col(name: str):
-            import pyarrow as pa
+            return table.column(name).combine_chunks()
 
-            c = t.column(name)
-            return c.chunk(0) if c.num_chunks else pa.array([], type=c.type)
-
-        return cls(col("pid"), col("title"), col("text"), col("wikipedia_id") if "wikipedia_id" in t.column_names else None)
+        return cls(col("pid"), col("title"), col("text"), col("wikipedia_id") if "wikipedia_id" in table.column_names else None)
 
     def _row(self, pid: str) -> int:
         if not isinstance(pid, str):
@@ -717,6 +713,7 @@ class PassageLookup(Mapping):
 def load_passage_lookup(path: str | Path) -> PassageLookup:
     """``pid -> (title, text, wikipedia_id)`` (a :class:`PassageLookup`) from a passages Parquet
     (file or directory) with columns ``pid, title, text`` (+ optional ``wikipedia_id``)."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
     try:
@@ -726,11 +723,8 @@ def load_passage_lookup(path: str | Path) -> PassageLookup:
     for col in ("pid", "title", "text"):
         if col not in table.column_names:
             raise DataFormatError(str(path), "missing column", field=col)
-    lookup = PassageLookup.from_table(table.select([c for c in ("pid", "title", "text", "wikipedia_id")
-                                                    if c in table.column_names]))
+    lookup = PassageLookup.from_table(table)
     del table
-    import pyarrow as pa
-
     pa.default_memory_pool().release_unused()  # the chunks read (combined into one): their pages back
     return lookup
 
