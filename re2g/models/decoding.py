@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from re2g.models.encoders import eval_mode, title_text
+from re2g.models.generator import decode_text
 from re2g.models.marginalize import doc_log_weights, marginalize_sequences, marginalize_tokens, sequence_logprobs
 
 # --------------------------------------------------------------------------- results
@@ -325,7 +326,7 @@ def _rag_token_group(generator, queries, passages_per_query, scores, *, num_beam
     for b, q in enumerate(queries):
         seen: dict[str, float] = {}
         for ids, s in hyps[b]:
-            text = generator.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = decode_text(generator.tokenizer, ids)      # whole characters only
             seen.setdefault(text, s)  # best first: keep the better of two token paths to one text
         answers.append(make_answer(q, list(seen.items()), passages_per_query[b], doc_log_weights(scores[b][None])[0]))
     return answers

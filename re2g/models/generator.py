@@ -16,6 +16,7 @@ Saved layout: the Hugging Face model and tokenizer files in the directory itself
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,30 @@ DEFAULT_TITLE_SEP = " / "
 DEFAULT_QUERY_SEP = " // "
 DEFAULT_SOURCE_MAX_LENGTH = 256
 DEFAULT_TARGET_MAX_LENGTH = 32
+REPLACEMENT_CHAR = "\ufffd"     # what a tokenizer's decoder puts where bytes are not whole UTF-8 characters
+_SPACES = re.compile(r"[ \t]{2,}")
+
+
+def whole_chars(text: str) -> str:
+    """``text`` without U+FFFD, stripped.
+
+    A byte-level BPE (BART's) can generate a token sequence that starts or ends inside a multi-byte
+    UTF-8 character (or holds stray bytes); its decoder turns each such piece into U+FFFD. Those
+    pieces are dropped here (as ``bytes.decode(errors="ignore")`` would), and the spaces a dropped
+    piece leaves doubled are merged."""
+    if REPLACEMENT_CHAR in text:
+        text = _SPACES.sub(" ", text.replace(REPLACEMENT_CHAR, ""))
+    return text.strip()
+
+
+def decode_text(tokenizer, ids: Sequence[int] | torch.Tensor) -> str:
+    """Generated token ids as text: special tokens skipped, whole characters only (:func:`whole_chars`)."""
+    return whole_chars(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def decode_texts(tokenizer, batch: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
+    """:func:`decode_text` for every row of ``batch`` (N, L)."""
+    return [whole_chars(t) for t in tokenizer.batch_decode(batch, skip_special_tokens=True)]
 
 
 class Generator(torch.nn.Module):
@@ -123,7 +148,7 @@ class Generator(torch.nn.Module):
                                       num_return_sequences=num_return_sequences,
                                       max_new_tokens=max_new_tokens or self.target_max_length,
                                       **generate_kwargs)  # (B*n_docs*r, L)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = decode_texts(self.tokenizer, out)          # whole characters only
         r = num_return_sequences
         return [[texts[(b * n_docs + j) * r:(b * n_docs + j + 1) * r] for j in range(n_docs)]
                 for b in range(len(queries))]
