@@ -52,16 +52,28 @@ class _Strict(BaseModel):
 
 
 class SampleConfig(_Strict):
-    """The synthetic knowledge-intensive sample task (see ``re2g.data.sample``)."""
+    """The sample knowledge task: synthetic (``re2g.data.sample``) or real text (``re2g.data.vital``)."""
 
+    source: Literal["synthetic", "vital-articles"] = Field(
+        "synthetic", description="synthetic: invented people, tasks slot_filling | qa | fact_verification; "
+        "vital-articles: 10,033 English Wikipedia vital-article leads (`re2g assets fetch vital-articles`), "
+        "task vital_qa (Wikidata description -> title)")
     size: Literal["tiny", "demo", "bench"] = Field(
-        "demo", description="tiny: a few hundred passages (unit tests); demo: a few thousand; "
-        "bench: at least 1M passages (index benchmarks, no tasks beyond a small dev set)")
+        "demo", description="tiny: a few hundred passages (unit tests); demo: a few thousand (vital-articles: "
+        "all 10,033 articles); bench: at least 1M passages (synthetic only; index benchmarks, no tasks beyond "
+        "a small dev set)")
     seed: int = Field(13, description="random seed; the same seed gives byte-identical files")
     n_entities: int | None = Field(
-        None, ge=10, description="number of entities (pages); default from `size`")
+        None, ge=10, description="number of entities (pages; vital-articles: articles); default from `size`")
     train_fraction: float = Field(0.7, gt=0, lt=1, description="share of entities whose queries go to train")
     dev_fraction: float = Field(0.15, gt=0, lt=1, description="share of entities whose queries go to dev")
+
+    @model_validator(mode="after")
+    def _vital_sizes(self) -> "SampleConfig":
+        if self.source == "vital-articles" and self.size == "bench" and self.n_entities is None:
+            raise ValueError("size 'bench' is the synthetic task's (1M passages); the vital-articles source has "
+                             "10,033 articles: use size tiny (500) or demo (all), or n_entities")
+        return self
 
 
 class PassageConfig(_Strict):
@@ -122,17 +134,36 @@ class ModelsConfig(_Strict):
     """The four models of Re2G. Each is a hub name or a local ``save_pretrained`` directory;
     ``None`` means: build a tiny model from ``tiny`` with the locally trained tokenizers."""
 
-    query_encoder: Location = Field(None, description="DPR question encoder (name or path)")
-    ctx_encoder: Location = Field(None, description="DPR context encoder (name or path)")
-    reranker: Location = Field(None, description="BERT cross-encoder (name or path)")
+    query_encoder: Location = Field(None, description="query encoder: a DPR question encoder, any Hugging Face "
+                                    "encoder (BERT, MiniLM, BGE, E5, ...) or a saved re2g bi-encoder (name or path)")
+    ctx_encoder: Location = Field(None, description="context encoder (name or path); unset with an encoder "
+                                  "checkpoint in query_encoder: that one encoder serves both sides")
+    reranker: Location = Field(None, description="cross-encoder: any *ForSequenceClassification checkpoint, or a "
+                               "plain encoder that gets a new one-logit head (name or path)")
     generator: Location = Field(None, description="BART seq2seq generator (name or path)")
     shared_encoder: bool = Field(False, description="one encoder for queries and passages instead of two")
+    pooling: Literal["cls", "mean", "pooler"] | None = Field(
+        None, description="how the bi-encoder's token states become a vector; unset: the checkpoint's "
+        "(DPR: pooler; sentence-transformers: its Pooling module; other encoders: cls)")
+    normalize: bool | None = Field(None, description="L2-normalize bi-encoder vectors; unset: the checkpoint's "
+                                   "(sentence-transformers' Normalize module)")
+    query_prefix: str | None = Field(None, description="text put before every query (E5: 'query: '); unset: "
+                                     "the checkpoint's sentence-transformers prompt, else none")
+    passage_prefix: str | None = Field(None, description="text put before every passage (E5: 'passage: ')")
+    title_separator: str | None = Field(
+        None, description="'pair': title and text as a tokenizer pair (DPR); any other string joins them into "
+        "one text; unset: the checkpoint's (DPR: pair; sentence-transformers: ' ')")
     query_max_length: int = Field(64, ge=8, le=4096)
     passage_max_length: int = Field(128, ge=8, le=4096)
     reranker_max_length: int = Field(128, ge=8, le=4096, description="query+passage pair length (256 allowed)")
     generator_source_max_length: int = Field(256, ge=8, le=4096, description="passage [SEP] query length")
     generator_target_max_length: int = Field(32, ge=1, le=4096)
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+    def encoder_overrides(self) -> dict[str, Any]:
+        """The bi-encoder settings this config sets (``BiEncoder.from_pretrained``'s keyword overrides)."""
+        keys = ("pooling", "normalize", "query_prefix", "passage_prefix", "title_separator")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 # --------------------------------------------------------------------------- index / retrieval
@@ -443,8 +474,9 @@ class MiningConfig(_Strict):
 class TrainConfig(_Strict):
     """Training on Ray Train + DeepSpeed: workers, inputs and one section per stage."""
 
-    task: Literal["slot_filling", "qa", "fact_verification"] = Field(
-        "slot_filling", description="the sample task to train on when data.train_file is not set")
+    task: Literal["slot_filling", "qa", "fact_verification", "vital_qa"] = Field(
+        "slot_filling", description="the sample task to train on when data.train_file is not set (vital_qa: "
+        "the task of data.sample.source=vital-articles, chosen by itself when train.task is not set)")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
     use_gpu: bool | None = Field(None, description="one GPU per worker; None: when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed)")
@@ -477,6 +509,19 @@ class Re2GConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _sample_task(self) -> "Re2GConfig":
+        """train.task must be a task of the sample's source (vital_qa for vital-articles); when it was not
+        set, a vital-articles source picks vital_qa."""
+        vital = self.data.sample.source == "vital-articles"
+        if vital and self.train.task != "vital_qa" and "task" not in self.train.model_fields_set:
+            self.train.task = "vital_qa"
+        if self.data.train_file is None and vital != (self.train.task == "vital_qa"):
+            raise ValueError(f"train.task={self.train.task!r} is not a task of data.sample.source="
+                             f"{self.data.sample.source!r} (synthetic: slot_filling, qa, fact_verification; "
+                             "vital-articles: vital_qa)")
+        return self
 
     @field_validator("run_dir")
     @classmethod

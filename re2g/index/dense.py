@@ -420,7 +420,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: IndexConfig, *,
                       encoder_fingerprint: str, use_ray: bool = True, overwrite: bool = False,
                       store_vectors: bool = True, threads: int = 1,
-                      task_options: dict | None = None) -> DenseIndexInfo:
+                      task_options: dict | None = None, encoder_settings: dict | None = None) -> DenseIndexInfo:
     """Build a sharded dense index from an embeddings Parquet (``pid: string, vector: list<float32>``).
 
     1. validation pass (:func:`scan_embeddings`): errors name the file and row; gives the global
@@ -433,7 +433,8 @@ def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: Ind
 
     Never calls ``ray.init``: with ``use_ray=True`` the caller has connected to Ray.
     ``threads``: CPUs (faiss threads) per shard build; ``task_options``: extra ``.options()`` for
-    the Ray tasks (``memory``, ``resources``, ``scheduling_strategy``, ...).
+    the Ray tasks (``memory``, ``resources``, ``scheduling_strategy``, ...). ``encoder_settings``: the
+    passage encoder's pooling/normalization/prefixes (recorded, to explain a mismatch in plain words).
     The paths must be visible to every Ray worker (local machine or a shared file system).
     """
     out = Path(out_dir).absolute()
@@ -477,6 +478,7 @@ def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: Ind
             "shards": entries,
             "total_count": stats.count,
             "encoder_fingerprint": encoder_fingerprint,
+            "encoder_settings": encoder_settings,
             "embeddings": {"path": str(Path(embeddings_path).absolute()), "files": len(stats.files)},
             "has_vectors": store_vectors,
             "config": cfg_dict,
@@ -515,13 +517,28 @@ def read_manifest(index_dir: str | Path) -> dict:
     return m
 
 
-def check_fingerprint(index_dir: str | Path, manifest: dict, expected: str | None) -> None:
-    """Refuse an index built by another encoder than the one that will query it."""
-    if expected is not None and expected != manifest["encoder_fingerprint"]:
-        raise ArtifactError(
-            f"{index_dir}: encoder fingerprint mismatch: the index was built with "
-            f"{manifest['encoder_fingerprint']!r} but the query encoder is {expected!r}; "
-            "rebuild the index with this encoder's passage embeddings")
+def check_fingerprint(index_dir: str | Path, manifest: dict, expected: str | None,
+                      expected_settings: Any = None) -> None:
+    """Refuse an index built by another encoder than the one that will query it. When both the
+    manifest and the caller know the encoder settings and they differ, the error says how
+    (``expected_settings``: an :class:`~re2g.models.pooling.EncoderSettings` or its dict)."""
+    if expected is None or expected == manifest["encoder_fingerprint"]:
+        return
+    from re2g.models.pooling import EncoderSettings
+
+    built, want = manifest.get("encoder_settings"), expected_settings
+    if built is not None and want is not None:
+        built = EncoderSettings.from_dict(built)
+        want = want if isinstance(want, EncoderSettings) else EncoderSettings.from_dict(want)
+        if built != want:
+            raise ArtifactError(
+                f"{index_dir}: encoder settings mismatch: the index's passage vectors were made with "
+                f"{built.describe()}, but the query encoder uses {want.describe()}; query it with the "
+                "same settings (models.pooling, models.normalize, models.*_prefix) or rebuild the index")
+    raise ArtifactError(
+        f"{index_dir}: encoder fingerprint mismatch: the index was built with "
+        f"{manifest['encoder_fingerprint']!r} but the query encoder is {expected!r}; "
+        "rebuild the index with this encoder's passage embeddings")
 
 
 def _verified_path(index_dir: Path, name: str, sha: str | None, verify: bool, what: str) -> Path:
@@ -741,7 +758,7 @@ class DenseIndex:
 
     @classmethod
     def load(cls, index_dir: str | Path, *, expected_fingerprint: str | None = None, verify: bool = True,
-             ef_search: int | None = None,
+             ef_search: int | None = None, expected_settings: Any = None,
              passages: Mapping[str, PassageInfo] | str | Path | None = None) -> "DenseIndex":
         """Load an index directory.
 
@@ -752,7 +769,7 @@ class DenseIndex:
         """
         d = Path(index_dir)
         m = read_manifest(d)
-        check_fingerprint(d, m, expected_fingerprint)
+        check_fingerprint(d, m, expected_fingerprint, expected_settings)
         shards = [DenseShard.load(d, e, m, verify=verify, ef_search=ef_search) for e in m["shards"]]
         total = sum(len(s) for s in shards)
         if total != m["total_count"]:

@@ -83,13 +83,16 @@ def _vectors_column(vecs: np.ndarray):
 class PassageEmbedder:
     """Ray Data callable class: loads the bi-encoder once per actor, embeds pyarrow batches.
 
-    ``model_dir`` is a bi-encoder saved by ``BiEncoder.save_pretrained``. On CUDA the encoder runs
+    ``model_dir`` is a bi-encoder saved by ``BiEncoder.save_pretrained`` or an encoder checkpoint
+    (DPR or any Hugging Face encoder; ``encoding`` overrides its pooling, normalization, prefixes:
+    see :class:`re2g.models.pooling.EncoderSettings`). On CUDA the encoder runs
     in bf16 (``dtype="auto"``); on CPU in fp32. ``threads`` caps torch's intra-op threads so that
     several actors on one node do not oversubscribe its cores.
     """
 
     def __init__(self, model_dir: str, *, batch_size: int = 64, max_length: int | None = None,
-                 device: str = "auto", dtype: str = "auto", threads: int | None = None):
+                 device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                 encoding: dict | None = None):
         import torch
 
         from re2g.models.encoders import BiEncoder
@@ -98,7 +101,7 @@ class PassageEmbedder:
         if threads:
             torch.set_num_threads(int(threads))
         self.device = pick_device(device)
-        model = BiEncoder.from_pretrained(model_dir)
+        model = BiEncoder.from_pretrained(model_dir, shared=True, **(encoding or {}))  # the passage tower
         if self.device == "cuda" and dtype in ("auto", "bf16"):
             model = model.to(torch.bfloat16)
         elif self.device == "cuda" and dtype == "fp16":
@@ -216,18 +219,17 @@ def _check_passages_schema(passages: str) -> int:
 
 def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 64, actors: int = 1,
                  max_length: int | None = None, device: str = "auto", threads_per_actor: int | None = None,
-                 overwrite: bool = False) -> EmbedStats:
+                 overwrite: bool = False, encoding: dict | None = None) -> EmbedStats:
     """Embed every passage with Ray Data (the caller has connected to Ray).
 
     One encoder actor per ``actors`` (each with one GPU when the cluster has GPUs and ``device`` is
-    not ``cpu``); Ray Data's progress bars show the work. Returns :class:`EmbedStats`.
+    not ``cpu``); Ray Data's progress bars show the work. ``encoding``: encoder-setting overrides
+    (``pooling``, ``normalize``, ...). Returns :class:`EmbedStats`.
     """
     import ray
 
-    from re2g.models.fingerprint import encoder_fingerprint
-
     n = _check_passages_schema(passages)
-    fingerprint = encoder_fingerprint(model_dir)
+    fingerprint, settings = _encoder_identity(model_dir, encoding)
     resources = ray.cluster_resources()
     use_gpu = device != "cpu" and resources.get("GPU", 0) >= 1
     dev = "cuda" if use_gpu else "cpu"
@@ -245,7 +247,7 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
         ds = ds.map_batches(
             PassageEmbedder,
             fn_constructor_kwargs=dict(model_dir=str(model_dir), batch_size=batch_size, max_length=max_length,
-                                       device=dev, threads=threads_per_actor),
+                                       device=dev, threads=threads_per_actor, encoding=encoding),
             batch_size=batch_size * 4,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -264,26 +266,33 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
         dim = len(first.column(0)[0])
         stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
                            actors=actors, batch_size=batch_size, device=dev)
-        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
+        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir),
+                "encoder_settings": settings})
     return stats
+
+
+def _encoder_identity(model_dir: str, encoding: dict | None) -> tuple[str, dict]:
+    """The passage encoder's fingerprint and settings (what the embeddings' meta records)."""
+    from re2g.models.encoders import BiEncoder
+
+    enc = BiEncoder.from_pretrained(model_dir, shared=True, **(encoding or {}))
+    return enc.fingerprint(), enc.settings.to_dict()
 
 
 def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: int = 64,
                        max_length: int | None = None, device: str = "auto", threads: int | None = None,
-                       overwrite: bool = False, progress: bool = True) -> EmbedStats:
+                       overwrite: bool = False, progress: bool = True, encoding: dict | None = None) -> EmbedStats:
     """The same embedding in this process, without Ray: a plain loop over Parquet batches."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from re2g.models.fingerprint import encoder_fingerprint
-
     n = _check_passages_schema(passages)
-    fingerprint = encoder_fingerprint(model_dir)
+    fingerprint, settings = _encoder_identity(model_dir, encoding)  # in fp32, before a cast to bf16
     t0 = time.time()
     with _staged(out, overwrite) as (target, commit):
         embedder = PassageEmbedder(str(model_dir), batch_size=batch_size, max_length=max_length,
-                                   device=device, threads=threads)
+                                   device=device, threads=threads, encoding=encoding)
         dataset = pads.dataset(passages, format="parquet")
         dim = 0
         with tqdm(total=n, desc="embed passages", disable=not progress) as bar:
@@ -298,5 +307,6 @@ def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: i
         seconds = time.time() - t0
         stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
                            actors=0, batch_size=batch_size, device=embedder.device)
-        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir)})
+        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir),
+                "encoder_settings": settings})
     return stats

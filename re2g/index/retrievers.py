@@ -57,7 +57,8 @@ def build_indexes(cfg: Re2GConfig, *, passages: str, embeddings: str | None, den
         meta = read_embeddings_meta(embeddings)
         t0 = time.time()
         info = build_dense_index(embeddings, dense_dir, cfg.index, encoder_fingerprint=meta["fingerprint"],
-                                 use_ray=use_ray, overwrite=overwrite)
+                                 use_ray=use_ray, overwrite=overwrite,
+                                 encoder_settings=meta.get("encoder_settings"))
         summary.seconds["dense"] = round(time.time() - t0, 3)
         summary.dense = {k: v for k, v in info.__dict__.items() if k != "manifest"}
     if bm25_dir is not None:
@@ -90,7 +91,8 @@ def open_retrievers(cfg: Re2GConfig, *, passages: str, dense_dir: str | None, bm
         from re2g.index.dense import DenseIndex, DenseRetriever
 
         fp = query_encoder.fingerprint() if hasattr(query_encoder, "fingerprint") else None
-        index = DenseIndex.load(dense_dir, expected_fingerprint=fp, verify=verify, ef_search=cfg.index.ef_search)
+        index = DenseIndex.load(dense_dir, expected_fingerprint=fp, verify=verify, ef_search=cfg.index.ef_search,
+                                expected_settings=getattr(query_encoder, "settings", None))
         dense = DenseRetriever(index, query_encoder, passages=passages)
         out["dpr"] = dense
     if bm25 is not None and dense is not None:

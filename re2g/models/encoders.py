@@ -1,21 +1,27 @@
-"""The DPR bi-encoder: a query encoder and a context encoder (or one shared encoder) + tokenizer.
+"""The bi-encoder: a query encoder and a context encoder (or one shared encoder) + tokenizer.
 
-Vectors are DPR's: the ``pooler_output`` of ``DPRQuestionEncoder`` / ``DPRContextEncoder``, i.e. the
-[CLS] hidden state (through the projection when ``projection_dim > 0``). Passages are encoded as in
-DPR: title and text as a tokenizer *pair* (``[CLS] title [SEP] text [SEP]``, token_type_ids 0/1).
-Relevance is the inner product ``q @ p.T``.
+Any Hugging Face encoder can be a tower: DPR checkpoints (``DPRQuestionEncoder`` /
+``DPRContextEncoder``, the paper's) or any ``AutoModel`` encoder (BERT, MiniLM, BGE, E5, GTE,
+Contriever, ...). How token states become a vector — pooling ``cls | mean | pooler``, L2
+normalization, query/passage prefixes, title/text as a pair or one text — is an
+:class:`~re2g.models.pooling.EncoderSettings`, read from the checkpoint (DPR's recipe for DPR,
+sentence-transformers' files where present) and overridable by config; :meth:`BiEncoder._pool` is the
+one place any re2g code turns text into vectors. DPR's own recipe: the ``pooler_output`` (the [CLS]
+state, through the projection when ``projection_dim > 0``), passages as the tokenizer pair
+``[CLS] title [SEP] text [SEP]`` (token_type_ids 0/1). Relevance is the inner product ``q @ p.T``.
 
 Saved layout (``BiEncoder.save_pretrained(dir)``)::
 
-    dir/query_encoder/   DPRQuestionEncoder (the one encoder when shared)
-    dir/ctx_encoder/     DPRContextEncoder  (absent when shared)
+    dir/query_encoder/   the query tower (the one encoder when shared)
+    dir/ctx_encoder/     the context tower (absent when shared)
     dir/tokenizer/
     dir/re2g_model.json  {"kind": "biencoder", "shared", "query_max_length", "passage_max_length",
-                          "fingerprint"}   # fingerprint: see re2g.models.fingerprint
+                          "encoder_settings", "fingerprint"}   # fingerprint: see re2g.models.fingerprint
 
-``BiEncoder.from_pretrained`` reads that layout, or the Hugging Face one of the paper checkpoints
-(``facebook/dpr-question_encoder-multiset-base`` + ``facebook/dpr-ctx_encoder-multiset-base``, hub
-names or local directories, the tokenizer taken from the query encoder's).
+``BiEncoder.from_pretrained`` reads that layout, or Hugging Face checkpoints: the paper's pair
+(``facebook/dpr-question_encoder-multiset-base`` + ``facebook/dpr-ctx_encoder-multiset-base``), or one
+encoder directory or hub name used for both towers (sentence-transformers' all-MiniLM-L6-v2, say);
+the tokenizer is the query encoder's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 from re2g.errors import ArtifactError
 from re2g.models.fingerprint import module_fingerprint, read_model_meta, write_model_meta
+from re2g.models.pooling import DPR_SETTINGS, EncoderSettings, pool, sentence_transformers_defaults
 
 DEFAULT_QUERY_MAX_LENGTH = 64
 DEFAULT_PASSAGE_MAX_LENGTH = 128
@@ -94,30 +101,73 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def load_dpr_encoder(name_or_path: str | Path, role: str):
-    """Load a DPR encoder. The class comes from the checkpoint's ``architectures``
-    (``DPRQuestionEncoder`` or ``DPRContextEncoder``; loading a checkpoint with the other class
-    would silently re-initialize it), else from ``role`` (``"query"`` or ``"ctx"``)."""
-    from transformers import AutoConfig, DPRContextEncoder, DPRQuestionEncoder
+def _config_of(src: str, what: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{src}: cannot load the {what}'s config: {e}") from None
+
+
+def is_dpr(module: torch.nn.Module) -> bool:
+    """True for a ``DPRQuestionEncoder`` / ``DPRContextEncoder`` (model_type ``dpr``)."""
+    return getattr(getattr(module, "config", None), "model_type", None) == "dpr"
+
+
+def load_encoder(name_or_path: str | Path, role: str) -> torch.nn.Module:
+    """Load one tower. A DPR checkpoint gets its DPR class from ``architectures``
+    (``DPRQuestionEncoder`` or ``DPRContextEncoder``; loading a checkpoint with the other class would
+    silently re-initialize it), else from ``role`` (``"query"`` or ``"ctx"``); any other checkpoint
+    is loaded with ``AutoModel`` (its encoder, pooler included when it has one)."""
+    from transformers import AutoModel, DPRContextEncoder, DPRQuestionEncoder
 
     src = check_source(name_or_path, f"{role} encoder")
-    try:
-        config = AutoConfig.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{src}: cannot load the {role} encoder's config: {e}") from None
-    if getattr(config, "model_type", None) != "dpr":
-        raise ArtifactError(f"{src}: expected a DPR encoder (model_type 'dpr'), got {config.model_type!r}")
-    archs = set(getattr(config, "architectures", None) or ())
-    if "DPRContextEncoder" in archs:
-        cls = DPRContextEncoder
-    elif "DPRQuestionEncoder" in archs:
-        cls = DPRQuestionEncoder
+    config = _config_of(src, f"{role} encoder")
+    if getattr(config, "model_type", None) == "dpr":
+        archs = set(getattr(config, "architectures", None) or ())
+        if "DPRContextEncoder" in archs:
+            cls = DPRContextEncoder
+        elif "DPRQuestionEncoder" in archs:
+            cls = DPRQuestionEncoder
+        else:
+            cls = DPRContextEncoder if role == "ctx" else DPRQuestionEncoder
     else:
-        cls = DPRContextEncoder if role == "ctx" else DPRQuestionEncoder
+        cls = AutoModel
     try:
-        return cls.from_pretrained(src)
+        with quiet_transformers():
+            return cls.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{src}: cannot load the {role} encoder: {e}") from None
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load-time notices (unused or newly initialized weights such as a pooler
+    the checkpoint does not carry) and its weight-loading progress bar inside the block; errors
+    still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers 5 draws a "Loading weights" bar per model
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def checkpoint_settings(name_or_path: str | Path, module: torch.nn.Module) -> tuple[EncoderSettings, int | None]:
+    """The settings a checkpoint implies (see :mod:`re2g.models.pooling`) and its max length when
+    sentence-transformers states one."""
+    if is_dpr(module):
+        return DPR_SETTINGS, None
+    st = sentence_transformers_defaults(name_or_path) if Path(str(name_or_path)).is_dir() else None
+    if st is not None:
+        return EncoderSettings(**st[0]), st[1]
+    return EncoderSettings(pooling="cls"), None
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -129,7 +179,8 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 
 class BiEncoder(torch.nn.Module):
-    """DPR query and context encoders (``ctx_encoder=None``: one encoder shared by both) + tokenizer.
+    """Query and context encoders (``ctx_encoder=None``: one encoder shared by both) + tokenizer,
+    with the :class:`EncoderSettings` that turn their token states into vectors.
 
     Cheap to build from modules; load with :meth:`from_pretrained` or ``re2g.models.factory``.
     ``encode_*`` keep the autograd graph (training) and also run under ``torch.inference_mode``;
@@ -138,13 +189,18 @@ class BiEncoder(torch.nn.Module):
 
     def __init__(self, query_encoder: torch.nn.Module, ctx_encoder: torch.nn.Module | None, tokenizer,
                  *, query_max_length: int = DEFAULT_QUERY_MAX_LENGTH,
-                 passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH):
+                 passage_max_length: int = DEFAULT_PASSAGE_MAX_LENGTH,
+                 settings: EncoderSettings | None = None):
         super().__init__()
         self.query_encoder = query_encoder
         self.ctx_encoder = query_encoder if ctx_encoder is None else ctx_encoder
         self.tokenizer = tokenizer
         self.query_max_length = int(query_max_length)
         self.passage_max_length = int(passage_max_length)
+        self.settings = settings or (DPR_SETTINGS if is_dpr(query_encoder) else EncoderSettings(pooling="cls"))
+        if self.settings.pooling == "pooler" and not (is_dpr(self.ctx_encoder)
+                                                     or getattr(self.ctx_encoder, "pooler", None) is not None):
+            raise ArtifactError("pooling 'pooler': the encoder has no pooler layer (use cls or mean)")
 
     # ---- properties
 
@@ -155,38 +211,68 @@ class BiEncoder(torch.nn.Module):
 
     @property
     def dim(self) -> int:
-        """Vector size D: the projection size when the encoder has one, else the hidden size."""
+        """Vector size D: DPR's projection size with ``pooler`` pooling when it has one, else the hidden size."""
         cfg = self.ctx_encoder.config
-        return int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
+        if self.settings.pooling == "pooler" and getattr(cfg, "projection_dim", 0):
+            return int(cfg.projection_dim)
+        return int(cfg.hidden_size)
 
     @property
     def device(self) -> torch.device:
         return module_device(self)
 
     def fingerprint(self) -> str:
-        """The context encoder's fingerprint (what a dense index records; see ``fingerprint.py``)."""
-        return module_fingerprint(self.ctx_encoder)
+        """What a dense index records: the context encoder's weights (see ``fingerprint.py``) and,
+        unless they are DPR's recipe, the settings (an index built with mean pooling refuses a
+        CLS-pooled query encoder over the same weights)."""
+        return settings_fingerprint(module_fingerprint(self.ctx_encoder), self.settings)
+
+    def backbone(self, role: str = "query") -> torch.nn.Module:
+        """The transformer under a tower (DPR wraps a ``BertModel``; other encoders are one)."""
+        enc = self.query_encoder if role == "query" else self.ctx_encoder
+        if is_dpr(enc):
+            inner = getattr(enc, "question_encoder", None) or getattr(enc, "ctx_encoder")
+            return inner.bert_model
+        return enc
 
     # ---- tokenization
 
+    def _uses_token_types(self, encoder: torch.nn.Module) -> bool:
+        return is_dpr(encoder) or int(getattr(encoder.config, "type_vocab_size", 0) or 0) > 1
+
     def tokenize_queries(self, texts: Sequence[str], max_length: int | None = None):
-        """``BatchEncoding`` of ``[CLS] query [SEP]``, padded: input_ids/attention_mask/token_type_ids (B, L)."""
-        return self.tokenizer(list(texts), max_length=max_length or self.query_max_length, truncation=True,
-                              padding=True, return_token_type_ids=True, return_tensors="pt")
+        """``BatchEncoding`` of ``[CLS] prefix+query [SEP]``, padded: input_ids/attention_mask(/token_type_ids) (B, L)."""
+        prefix = self.settings.query_prefix
+        return self.tokenizer([prefix + t for t in texts], max_length=max_length or self.query_max_length,
+                              truncation=True, padding=True, return_tensors="pt",
+                              return_token_type_ids=self._uses_token_types(self.query_encoder) or None)
 
     def tokenize_passages(self, titles: Sequence[str], texts: Sequence[str], max_length: int | None = None):
-        """``BatchEncoding`` of the pair ``[CLS] title [SEP] text [SEP]`` (token_type_ids 0 then 1), (B, L)."""
+        """``BatchEncoding`` of the passages (B, L): the pair ``[CLS] title [SEP] text [SEP]``
+        (token_type_ids 0 then 1), or one text ``title + sep + text`` (see :class:`EncoderSettings`)."""
         if len(titles) != len(texts):
             raise ValueError(f"{len(titles)} titles for {len(texts)} texts")
-        return self.tokenizer([t or "" for t in titles], list(texts),
-                              max_length=max_length or self.passage_max_length, truncation="longest_first",
-                              padding=True, return_token_type_ids=True, return_tensors="pt")
+        s = self.settings
+        kw = dict(max_length=max_length or self.passage_max_length, padding=True, return_tensors="pt",
+                  return_token_type_ids=self._uses_token_types(self.ctx_encoder) or None)
+        if s.title_separator is None:
+            return self.tokenizer([s.passage_prefix + (t or "") for t in titles], list(texts),
+                                  truncation="longest_first", **kw)
+        return self.tokenizer([s.passage_text(t or "", x) for t, x in zip(titles, texts)], truncation=True, **kw)
 
-    @staticmethod
-    def _pool(encoder: torch.nn.Module, batch, device: torch.device) -> torch.Tensor:
+    def _pool(self, encoder: torch.nn.Module, batch, device: torch.device) -> torch.Tensor:
+        """Token states of ``encoder`` on a tokenized batch -> vectors (B, D): the one pooling path."""
         inputs = {k: v.to(device) for k, v in batch.items()
                   if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return encoder(**inputs).pooler_output  # (B, D)
+        mode = self.settings.pooling
+        if is_dpr(encoder):  # DPR outputs the pooled vector; token states only through hidden_states
+            out = encoder(**inputs, output_hidden_states=mode != "pooler")
+            hidden = out.hidden_states[-1] if mode != "pooler" else None
+        else:
+            out = encoder(**inputs)
+            hidden = out.last_hidden_state
+        return pool(mode, hidden, inputs["attention_mask"], getattr(out, "pooler_output", None),
+                    normalize=self.settings.normalize)
 
     # ---- encoding (tensors; with grad unless the caller turns it off)
 
@@ -196,7 +282,7 @@ class BiEncoder(torch.nn.Module):
 
     def encode_passages(self, titles: Sequence[str], texts: Sequence[str],
                         max_length: int | None = None) -> torch.Tensor:
-        """Passage vectors (B, D) from title/text pairs."""
+        """Passage vectors (B, D) from titles and texts."""
         return self._pool(self.ctx_encoder, self.tokenize_passages(titles, texts, max_length), self.device)
 
     @staticmethod
@@ -249,23 +335,27 @@ class BiEncoder(torch.nn.Module):
             "shared": self.shared,
             "query_max_length": self.query_max_length,
             "passage_max_length": self.passage_max_length,
+            "encoder_settings": self.settings.to_dict(),
             "fingerprint": self.fingerprint(),
         })
         return d
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, ctx_name_or_path: str | Path | None = None, *,
-                        shared: bool = False, tokenizer: Any = None, query_max_length: int | None = None,
-                        passage_max_length: int | None = None) -> "BiEncoder":
+                        shared: bool | None = None, tokenizer: Any = None, query_max_length: int | None = None,
+                        passage_max_length: int | None = None, **settings: Any) -> "BiEncoder":
         """Load a bi-encoder.
 
         * ``name_or_path`` is a directory written by :meth:`save_pretrained`: load it (the saved
-          fingerprint is checked against the loaded weights);
-        * otherwise it is a DPR question encoder (hub name or local dir) and ``ctx_name_or_path`` the
-          context encoder; ``shared=True`` without ``ctx_name_or_path`` uses the one encoder for both.
-          The tokenizer is ``tokenizer`` (object, name or path) or the query encoder's.
+          fingerprint is checked against the loaded weights and settings);
+        * otherwise it is a Hugging Face encoder (hub name or local dir: DPR or any ``AutoModel``
+          encoder) and ``ctx_name_or_path`` the context encoder; without ``ctx_name_or_path`` the one
+          encoder serves both sides (a DPR checkpoint only with ``shared=True``: its towers differ). The tokenizer is ``tokenizer`` (object, name or
+          path) or the query encoder's.
 
-        ``*_max_length`` override the saved (or default) lengths.
+        ``*_max_length`` override the saved (or sentence-transformers', or default) lengths;
+        ``settings`` (``pooling``, ``normalize``, ``query_prefix``, ``passage_prefix``,
+        ``title_separator``; None keeps) override the saved or checkpoint's :class:`EncoderSettings`.
         """
         path = Path(str(name_or_path)).expanduser()
         meta = read_model_meta(path) if path.is_dir() else None
@@ -276,24 +366,42 @@ class BiEncoder(torch.nn.Module):
                 raise ArtifactError(f"{path}: a saved {meta.get('kind')!r}, not a bi-encoder")
             if ctx_name_or_path is not None:
                 raise ValueError(f"{path} is a saved bi-encoder; it holds its own context encoder")
-            query = load_dpr_encoder(path / "query_encoder", role="query")
-            ctx = None if meta.get("shared") else load_dpr_encoder(path / "ctx_encoder", role="ctx")
+            query = load_encoder(path / "query_encoder", role="query")
+            ctx = None if meta.get("shared") else load_encoder(path / "ctx_encoder", role="ctx")
             tok = load_tokenizer(tokenizer if tokenizer is not None else path / "tokenizer")
+            saved_settings = EncoderSettings.from_dict(meta.get("encoder_settings"))
             model = cls(query, ctx, tok,
                         query_max_length=query_max_length or meta.get("query_max_length", DEFAULT_QUERY_MAX_LENGTH),
                         passage_max_length=passage_max_length
-                        or meta.get("passage_max_length", DEFAULT_PASSAGE_MAX_LENGTH))
+                        or meta.get("passage_max_length", DEFAULT_PASSAGE_MAX_LENGTH),
+                        settings=saved_settings.override(**settings))
             saved = meta.get("fingerprint")
-            if saved is not None and saved != model.fingerprint():
+            if saved is not None and saved != settings_fingerprint(module_fingerprint(model.ctx_encoder),
+                                                                   saved_settings):
                 raise ArtifactError(f"{path}: the context encoder's weights do not match the fingerprint "
                                     f"{saved} in re2g_model.json (files replaced or corrupt)")
             return model
-        if ctx_name_or_path is None and not shared:
-            raise ValueError("a context encoder is needed: pass ctx_name_or_path, or shared=True")
         if ctx_name_or_path is not None and shared:
             raise ValueError("shared=True takes one encoder; do not pass ctx_name_or_path")
-        query = load_dpr_encoder(name_or_path, role="query")
-        ctx = None if ctx_name_or_path is None else load_dpr_encoder(ctx_name_or_path, role="ctx")
+        query = load_encoder(name_or_path, role="query")
+        if ctx_name_or_path is None and is_dpr(query) and not shared:
+            raise ValueError(f"{name_or_path} is a DPR encoder: DPR's towers differ, so a context encoder is "
+                             "needed: pass ctx_name_or_path, or shared=True to use this one for both")
+        ctx = None if ctx_name_or_path is None else load_encoder(ctx_name_or_path, role="ctx")
         tok = load_tokenizer(tokenizer if tokenizer is not None else name_or_path)
-        return cls(query, ctx, tok, query_max_length=query_max_length or DEFAULT_QUERY_MAX_LENGTH,
-                   passage_max_length=passage_max_length or DEFAULT_PASSAGE_MAX_LENGTH)
+        base, st_length = checkpoint_settings(name_or_path, query)
+        return cls(query, ctx, tok, query_max_length=query_max_length or st_length or DEFAULT_QUERY_MAX_LENGTH,
+                   passage_max_length=passage_max_length or st_length or DEFAULT_PASSAGE_MAX_LENGTH,
+                   settings=base.override(**settings))
+
+
+def settings_fingerprint(weights_fingerprint: str, settings: EncoderSettings) -> str:
+    """The bi-encoder fingerprint: the weights' alone under DPR's recipe (so indexes built before
+    settings existed still match), else a hash of both."""
+    if settings == DPR_SETTINGS:
+        return weights_fingerprint
+    import hashlib
+    import json
+
+    blob = json.dumps({"weights": weights_fingerprint, "settings": settings.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:len(weights_fingerprint)]

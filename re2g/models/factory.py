@@ -104,16 +104,24 @@ def load_biencoder(models_cfg: ModelsConfig, tokenizer_dir: Any = None) -> BiEnc
     * ``query_encoder`` and ``ctx_encoder`` both None: a tiny one over ``tokenizer_dir`` (required);
     * ``query_encoder`` a directory saved by ``BiEncoder.save_pretrained``: that (``ctx_encoder``
       None or the same path; shared or not as it was saved);
-    * otherwise two DPR checkpoints (names or paths), or with ``shared_encoder`` one.
-    ``tokenizer_dir`` is used for tiny builds only; checkpoints bring their tokenizers.
+    * otherwise two encoder checkpoints (names or paths: DPR or any Hugging Face encoder), or one
+      (``shared_encoder``, or ``ctx_encoder`` unset with a non-DPR checkpoint).
+    ``models.pooling`` / ``normalize`` / ``*_prefix`` / ``title_separator`` override the encoder
+    settings the checkpoint implies. ``tokenizer_dir`` is used for tiny builds only; checkpoints
+    bring their tokenizers.
     """
     q, c = models_cfg.query_encoder, models_cfg.ctx_encoder
-    lengths = dict(query_max_length=models_cfg.query_max_length, passage_max_length=models_cfg.passage_max_length)
+    lengths = dict(query_max_length=models_cfg.query_max_length, passage_max_length=models_cfg.passage_max_length,
+                   **models_cfg.encoder_overrides())
     if q is None and c is None:
         if tokenizer_dir is None:
             raise ConfigError("models.query_encoder and models.ctx_encoder are not set: building a tiny "
                               "bi-encoder needs a WordPiece tokenizer directory")
-        return build_tiny_biencoder(tokenizer_dir, models_cfg.tiny, shared=models_cfg.shared_encoder, **lengths)
+        enc = build_tiny_biencoder(tokenizer_dir, models_cfg.tiny, shared=models_cfg.shared_encoder,
+                                   query_max_length=models_cfg.query_max_length,
+                                   passage_max_length=models_cfg.passage_max_length)
+        enc.settings = enc.settings.override(**models_cfg.encoder_overrides())
+        return enc
     if q is None:
         raise ConfigError(f"models.ctx_encoder is {c!r} but models.query_encoder is not set")
     if _is_saved_biencoder(q):
@@ -127,9 +135,25 @@ def load_biencoder(models_cfg: ModelsConfig, tokenizer_dir: Any = None) -> BiEnc
                               f"models.ctx_encoder ({c!r}) differ")
         return BiEncoder.from_pretrained(q, shared=True, **lengths)
     if c is None:
-        raise ConfigError(f"models.query_encoder is {q!r} but models.ctx_encoder is not set "
-                          "(set it, or set models.shared_encoder: true)")
+        if _is_dpr_checkpoint(q):
+            raise ConfigError(f"models.query_encoder is the DPR question encoder {q!r} but models.ctx_encoder is "
+                              "not set (set it, or set models.shared_encoder: true)")
+        return BiEncoder.from_pretrained(q, **lengths)
     return BiEncoder.from_pretrained(q, c, **lengths)
+
+
+def _is_dpr_checkpoint(name_or_path: str) -> bool:
+    """True when a local checkpoint's config says ``model_type: dpr`` (hub names: assumed DPR only
+    when the name says so, as the paper's ``facebook/dpr-*``)."""
+    import json
+
+    p = Path(name_or_path).expanduser() / "config.json"
+    if p.is_file():
+        try:
+            return json.loads(p.read_text()).get("model_type") == "dpr"
+        except (OSError, ValueError):
+            return False
+    return "dpr" in str(name_or_path).lower()
 
 
 def load_reranker(models_cfg: ModelsConfig, tokenizer_dir: Any = None) -> CrossEncoder:

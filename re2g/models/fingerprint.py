@@ -10,6 +10,11 @@ one shared encoder when ``shared_encoder=True``), and it is saved in ``re2g_mode
 ``fingerprint`` whenever a :class:`~re2g.models.encoders.BiEncoder` is saved. A fine-tuned query
 encoder saved with the same context encoder keeps the fingerprint; a bi-encoder from another
 training run, or a context encoder trained further, gets a new one, and the index refuses it.
+The settings that turn token states into vectors (pooling, normalization, prefixes, the title/text
+format: :class:`re2g.models.pooling.EncoderSettings`) change the vectors too, so a bi-encoder whose
+settings are not DPR's recipe hashes them together with the weights' fingerprint
+(``re2g.models.encoders.settings_fingerprint``; DPR's recipe keeps the weights' fingerprint alone, as
+indexes built before settings existed recorded it).
 
 The fingerprint is ``sha256`` over a few architecture fields of the config that the weights'
 shapes do not pin (activation, layer-norm epsilon, ...), then, for every parameter in name order,
@@ -61,31 +66,26 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def encoder_fingerprint(module_or_dir: Any) -> str:
+def encoder_fingerprint(module_or_dir: Any, **settings: Any) -> str:
     """The fingerprint a dense index stores and checks.
 
-    * a :class:`~re2g.models.encoders.BiEncoder`: its context encoder (the shared one if shared);
+    * a :class:`~re2g.models.encoders.BiEncoder`: its context encoder (the shared one if shared)
+      and its encoder settings (pooling, normalization, prefixes; see ``BiEncoder.fingerprint``);
     * any other ``torch.nn.Module``: that module;
-    * a directory: a saved bi-encoder (``re2g_model.json``) is loaded and its context encoder
-      hashed (recomputed from the weights, never read from the json); a plain Hugging Face DPR
-      directory is loaded and hashed.
+    * a directory: a saved bi-encoder (``re2g_model.json``) or a Hugging Face encoder directory is
+      loaded (``settings`` override its pooling etc., as ``BiEncoder.from_pretrained`` takes them)
+      and fingerprinted, recomputed from the weights, never read from the json.
     """
-    from re2g.models.encoders import BiEncoder, load_dpr_encoder
+    from re2g.models.encoders import BiEncoder
 
     if isinstance(module_or_dir, BiEncoder):
-        return module_fingerprint(module_or_dir.ctx_encoder)
+        return module_or_dir.fingerprint()
     if isinstance(module_or_dir, torch.nn.Module):
         return module_fingerprint(module_or_dir)
     path = Path(module_or_dir)
     if not path.is_dir():
-        raise ArtifactError(f"{path}: not a model directory (expected a saved bi-encoder or a DPR encoder)")
-    meta = read_model_meta(path)
-    if meta is not None:
-        if meta.get("kind") != "biencoder":
-            raise ArtifactError(f"{path}: a saved {meta.get('kind')!r}, not a bi-encoder")
-        sub = "query_encoder" if meta.get("shared") else "ctx_encoder"
-        return module_fingerprint(load_dpr_encoder(path / sub, role="ctx"))
-    return module_fingerprint(load_dpr_encoder(path, role="ctx"))
+        raise ArtifactError(f"{path}: not a model directory (expected a saved bi-encoder or an encoder checkpoint)")
+    return BiEncoder.from_pretrained(path, shared=True, **settings).fingerprint()  # passages only: one tower
 
 
 def read_model_meta(directory: str | Path) -> dict | None:

@@ -142,16 +142,24 @@ class CrossEncoder(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: Any = None,
                         max_length: int | None = None) -> "CrossEncoder":
-        """Load a reranker from a hub name or a local directory (re2g's or a plain Hugging Face one).
-        The tokenizer is ``tokenizer`` (object, name or path) or the model's own."""
+        """Load a reranker from a hub name or a local directory (re2g's or a plain Hugging Face one):
+        a ``*ForSequenceClassification`` checkpoint as it is (1 or 2 labels), or a plain encoder
+        checkpoint (``BertModel``, a sentence-transformers model, ...) with a new one-logit head to
+        train. The tokenizer is ``tokenizer`` (object, name or path) or the model's own."""
         from transformers import AutoModelForSequenceClassification
+
+        from re2g.models.encoders import _config_of, quiet_transformers
 
         src = check_source(name_or_path, "reranker")
         meta = read_model_meta(src) if Path(src).is_dir() else None
         if meta is not None and meta.get("kind") != "reranker":
             raise ArtifactError(f"{src}: a saved {meta.get('kind')!r}, not a reranker")
+        config = _config_of(src, "reranker")
+        archs = getattr(config, "architectures", None) or ()
+        head = {} if any(a.endswith("ForSequenceClassification") for a in archs) else {"num_labels": 1}
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(src)
+            with quiet_transformers():  # a plain encoder's new head is expected, not news
+                model = AutoModelForSequenceClassification.from_pretrained(src, **head)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{src}: cannot load the reranker: {e}") from None
         tok = load_tokenizer(tokenizer if tokenizer is not None else src, "reranker tokenizer")

@@ -153,16 +153,17 @@ def _list_scores(reranker, batch: list[dict]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def init_reranker_from_biencoder(reranker, biencoder_dir: str) -> None:
-    """Copy a saved bi-encoder's (query) BERT weights into the reranker's BERT (same sizes and
-    vocabulary; the pooler and the classifier head stay as they are). For tiny models with no
+    """Copy a saved bi-encoder's (query) encoder weights into the reranker's encoder (same class,
+    sizes and vocabulary; the pooler and the classifier head stay as they are). For tiny models with no
     pretrained language model, the stage-1 encoder is the best starting point there is."""
     from re2g.errors import ArtifactError
     from re2g.models.encoders import BiEncoder
 
-    bert = BiEncoder.from_pretrained(biencoder_dir).query_encoder.question_encoder.bert_model
-    target = getattr(reranker.model, "bert", None)
-    if target is None:
-        raise ArtifactError(f"{biencoder_dir}: the reranker is not a BERT model; cannot initialize it from a bi-encoder")
+    bert = BiEncoder.from_pretrained(biencoder_dir).backbone("query")
+    target = getattr(reranker.model, getattr(reranker.model, "base_model_prefix", "bert"), None)
+    if target is None or type(target) is not type(bert):
+        raise ArtifactError(f"{biencoder_dir}: the reranker's encoder ({type(target).__name__}) is not the "
+                            f"bi-encoder's ({type(bert).__name__}); cannot initialize it from the bi-encoder")
     state = dict(bert.state_dict())
     key = "embeddings.token_type_embeddings.weight"
     mine = target.state_dict().get(key)
