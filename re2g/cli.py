@@ -260,21 +260,34 @@ def index(
 
 @app.command("retrieval-report")
 def retrieval_report(
-    tasks: Annotated[list[str], typer.Argument(help="KILT task files to evaluate (e.g. the dev split)")],
     passages: Annotated[str, typer.Option(help="passages Parquet")],
     index_dir: Annotated[str, typer.Option("--index", help="index directory with dense/ and bm25/")],
+    tasks: Annotated[Optional[list[str]], typer.Argument(help="KILT task files (e.g. the dev split)")] = None,
     model: Annotated[Optional[str], typer.Option(help="bi-encoder directory for the dense retriever")] = None,
+    beir: Annotated[Optional[str], typer.Option(help="BEIR dataset directory (queries.jsonl, qrels/) to score "
+                                                "instead of or besides KILT task files")] = None,
+    split: Annotated[str, typer.Option(help="BEIR qrels split: qrels/<split>.tsv")] = "test",
     out: Annotated[Optional[str], typer.Option(help="write the report JSON here")] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Recall@1/5/12/24 and MRR@10 (passages) and R-Precision (pages) for BM25, DPR and the hybrid."""
+    """Retrieval metrics for BM25, DPR and the hybrid on KILT task files or a BEIR split.
+
+    KILT: recall@k, mrr@10, rprec_page over queries with a positive passage (page-only provenance: all its passages).
+
+    answer_recall@k over queries with answers (a top-k passage holds one); tasks without provenance get only these.
+
+    BEIR (--beir DIR --split test): ndcg@10 and qrels_recall@100 (BEIR's Recall@100).
+    """
     from re2g.eval.retrieval_report import retrieval_report as _report
 
+    if not tasks and beir is None:
+        _fail(ValueError("give KILT task files or --beir DIR"))
     try:
         cfg = _load(config, preset, set_)
-        result = _report(cfg, tasks=tasks, passages=passages, index_dir=index_dir, model_dir=model, out=out)
+        result = _report(cfg, tasks=tasks or [], passages=passages, index_dir=index_dir, model_dir=model, out=out,
+                         beir=beir, split=split)
     except Re2GError as e:
         _fail(e)
     console.print(result.table())
