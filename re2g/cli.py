@@ -79,19 +79,23 @@ def config_show(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt
 @app.command()
 def sample(
     out: Annotated[Path, typer.Argument(help="directory to write the sample task into")],
-    size: Annotated[str, typer.Option(help="tiny | demo | bench")] = "demo",
+    size: Annotated[str, typer.Option(help="tiny | demo | bench (vital-articles: tiny = 500 articles, demo = all)")] = "demo",
     seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 13,
+    source: Annotated[str, typer.Option(help="synthetic (invented people) | vital-articles (real Wikipedia text; "
+                                             "`re2g assets fetch vital-articles` first)")] = "synthetic",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Write the synthetic sample knowledge task: a KILT knowledge source, KILT task files
-    (slot filling, QA, fact verification; train/dev/test with unseen dev/test entities) and
-    locally trained tokenizers."""
+    """Write a sample knowledge task: a KILT knowledge source, KILT task files (train/dev/test with
+    unseen dev/test entities) and locally trained tokenizers. synthetic: slot filling, QA, fact
+    verification over invented people; vital-articles: vital_qa (Wikidata description -> article
+    title, provenance the lead paragraph) over 10,033 English Wikipedia vital articles."""
     from re2g.data.sample import generate_sample
 
     try:
-        cfg = _load(config, None, [f"data.sample.size={size}", f"data.sample.seed={seed}", *(set_ or [])])
+        cfg = _load(config, None, [f"data.sample.source={source}", f"data.sample.size={size}",
+                                   f"data.sample.seed={seed}", *(set_ or [])])
         summary = generate_sample(out, cfg.data.sample, vocab_size=cfg.models.tiny.vocab_size, overwrite=overwrite)
     except Re2GError as e:
         _fail(e)

@@ -723,7 +723,7 @@ class SampleSummary:
         q.add_column("task", style="bold")
         for s in SPLITS:
             q.add_column(s, justify="right")
-        for task in TASKS:
+        for task in self.queries or TASKS:      # the sample's own tasks (vital-articles: vital_qa)
             q.add_row(task, *(f"{self.queries.get(task, {}).get(s, 0):,}" for s in SPLITS))
 
         x = Table(title="examples")
@@ -805,7 +805,12 @@ def generate_sample(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 40
     """Write the sample knowledge task for ``cfg`` into ``out_dir`` (see the module docstring) and
     return its summary. Same ``cfg`` -> byte-identical files. Writes into a temporary directory
     beside ``out_dir`` and renames it; an existing non-empty ``out_dir`` is refused
-    (:class:`ArtifactError`) unless ``overwrite``. Progress bars show for sizes of 50,000+ people."""
+    (:class:`ArtifactError`) unless ``overwrite``. Progress bars show for sizes of 50,000+ people.
+    ``cfg.source == "vital-articles"``: the real-text task instead (:func:`re2g.data.vital.generate_vital`)."""
+    if cfg.source == "vital-articles":
+        from re2g.data.vital import generate_vital
+
+        return generate_vital(out_dir, cfg, vocab_size=vocab_size, progress=progress, overwrite=overwrite)
     from re2g.data.tokenizers import train_tokenizers
 
     t0 = time.time()
