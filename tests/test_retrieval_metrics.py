@@ -175,8 +175,8 @@ def test_evaluate_retrievers_scores_page_only_and_answers_only_examples():
         KiltExample("b", "qb", [KiltOutput(provenance=[Provenance(wikipedia_id="2")])]),
         # answers only (NQ-open style)
         KiltExample("c", "qc", [KiltOutput(answer="the Danube"), KiltOutput(answer="Donau")]),
-        # neither: left out and counted
-        KiltExample("d", "qd", [KiltOutput(provenance=[Provenance(wikipedia_id="404")])]),
+        # neither: left out and counted (a page missing from the corpus; a FEVER label is no answer string)
+        KiltExample("d", "qd", [KiltOutput(answer="SUPPORTS", provenance=[Provenance(wikipedia_id="404")])]),
     ]
     retr = _FixedRetriever({
         "qa": [("1::[1,2]", "born in roustad."), ("1::[3,3]", "x")],

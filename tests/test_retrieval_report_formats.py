@@ -86,6 +86,12 @@ def test_page_only_and_answers_only_tasks(sample_run, tmp_path):
     assert ans["answer_recall@1"] <= ans["answer_recall@5"] <= ans["answer_recall@24"]
     assert ans["answer_recall@24"] > 0.5
 
+    # fact verification: FEVER's labels are not answer strings, so no answer recall
+    fever = str(sample_run / "sample" / "tasks" / "fact_verification-dev-kilt.jsonl")
+    (fv,) = retrieval_report(load_config(preset="tiny"), tasks=[fever], passages=str(sample_run / "passages"),
+                             index_dir=str(sample_run / "index")).to_dict()[fever]["systems"]
+    assert fv["n"] > 0 and fv["n_answer"] == 0 and not any(k.startswith("answer_") for k in fv)
+
     from rich.console import Console
 
     console = Console(width=240, record=True)

@@ -267,8 +267,12 @@ def _retrieve(name: str, retriever, queries: Sequence[str], k: int, batch_size: 
     return hits
 
 
+LABEL_ANSWERS = frozenset({"SUPPORTS", "REFUTES", "NOT ENOUGH INFO"})  # FEVER's labels: not answer strings
+
+
 def evaluate_retrievers(retrievers, examples, locator, *, ks: Sequence[int] = (1, 5, 12, 24), mrr_k: int = 10,
                         answer_ks: Sequence[int] | None = None, use_title: bool = True,
+                        label_answers: Iterable[str] = LABEL_ANSWERS,
                         batch_size: int = 512, progress: bool = False) -> tuple[list[RetrievalReport], int]:
     """Run each retriever (``name -> object with batch_search(queries, k)`` returning hits with
     ``pid``, ``title``, ``text``, ``wikipedia_id``) over KILT ``examples`` and score its rankings.
@@ -277,18 +281,20 @@ def evaluate_retrievers(retrievers, examples, locator, *, ks: Sequence[int] = (1
     :class:`re2g.data.provenance.PassageLocator`; page-level provenance makes every passage of its
     page a positive) get passage-level Recall@k / MRR@k and KILT's page-level R-Precision.
     Examples with a gold answer get ``answer_recall@k`` for each of ``answer_ks`` (default ``ks``),
-    matched in each hit's text (and title when ``use_title``). An example with both gets both;
-    ``n`` and ``n_answer`` of each report count the two populations.
+    matched in each hit's text (and title when ``use_title``); answers in ``label_answers``
+    (FEVER's ``SUPPORTS`` / ``REFUTES``) are class labels, not strings to find, and are not used.
+    An example with both gets both; ``n`` and ``n_answer`` of each report count the two populations.
 
     Examples with neither a positive passage nor an answer are left out; their count is returned
     beside the reports (callers print it, so nothing is dropped silently).
     """
     from re2g.eval.kilt import gold_answers
 
+    labels = frozenset(label_answers)
     kept, golds, page_lists, answers = [], [], [], []
     for ex in examples:
         pos = locator.positives(ex)
-        ans = normalized_answers(gold_answers(ex))
+        ans = normalized_answers(a for a in gold_answers(ex) if a not in labels)
         if pos.pids or ans:
             kept.append(ex)
             golds.append(pos.pids or None)

@@ -9,6 +9,7 @@ KILT task files (one section per file, ``"format": "kilt"``):
 - ``answer_recall@k`` over the ``n_answer`` queries with a gold answer: a top-k passage (its text
   or title) contains a gold answer as a token sequence after KILT/SQuAD normalization. Tasks
   without provenance (NQ-open, TriviaQA, WebQuestions) get only these; queries with both get both.
+  FEVER's labels (``SUPPORTS`` / ``REFUTES``) are not answer strings: fact verification gets none.
 - ``skipped``: queries with neither a positive passage nor an answer (left out, and said so).
 
 BEIR (``--beir DIR --split test``; one section ``"format": "beir"``): ``ndcg@10`` (graded gains =
