@@ -125,10 +125,12 @@ def test_contains_answer_normalizes_as_kilt_and_matches_whole_tokens():
 
 
 def test_passage_has_answer_title_and_text_apart():
-    assert passage_has_answer("Dasyuromorphia", "an order of marsupials", ["dasyuromorphia"])
-    assert not passage_has_answer("Dasyuromorphia", "an order of marsupials", ["dasyuromorphia"], use_title=False)
+    # the text only by default (DPR's rule); the title too when asked
+    assert not passage_has_answer("Dasyuromorphia", "an order of marsupials", ["dasyuromorphia"])
+    assert passage_has_answer("Dasyuromorphia", "an order of marsupials", ["dasyuromorphia"], use_title=True)
+    assert passage_has_answer("Dasyuromorphia", "Dasyuromorphia is an order", ["dasyuromorphia"])
     # no match across the title's end and the text's start
-    assert not passage_has_answer("New", "York City", ["New York"])
+    assert not passage_has_answer("New", "York City", ["New York"], use_title=True)
 
 
 def test_answer_recall_at_k():

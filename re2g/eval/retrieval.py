@@ -7,8 +7,9 @@ Pure functions over ids and texts:
 - page level: R-Precision against Wikipedia page ids, as KILT scores provenance (duplicates of a
   page in a ranked list count once, at the page's best rank);
 - answers (tasks without provenance: NQ-open, TriviaQA, WebQuestions): answer recall@k, DPR's
-  top-k accuracy -- 1 when one of the first k passages contains a gold answer, compared after
-  KILT/SQuAD normalization (:func:`re2g.eval.kilt.normalize_answer`) as a whole-token sequence;
+  top-k accuracy -- 1 when the text of one of the first k passages contains a gold answer,
+  compared after KILT/SQuAD normalization (:func:`re2g.eval.kilt.normalize_answer`) as a
+  whole-token sequence;
 - BEIR qrels: nDCG@k with graded gains and Recall@k as the share of the relevant documents,
   computed as ``pytrec_eval`` (trec_eval's ``ndcg_cut`` and ``recall``) computes them for BEIR.
 
@@ -90,11 +91,12 @@ def contains_answer(text: str, answers: Iterable[str], *, normalized: bool = Fal
     return any(f" {a} " in padded for a in golds)
 
 
-def passage_has_answer(title: str, text: str, answers: Iterable[str], *, use_title: bool = True,
+def passage_has_answer(title: str, text: str, answers: Iterable[str], *, use_title: bool = False,
                        normalized: bool = False) -> bool:
-    """:func:`contains_answer` on the passage text, or on its title when ``use_title`` (title and
-    text are matched separately, so no answer is made of the title's end and the text's start).
-    DPR's published top-k accuracies match the text only (``use_title=False``)."""
+    """:func:`contains_answer` on the passage text -- DPR's rule, behind its published top-k
+    accuracies -- or also on its title when ``use_title`` (title and text matched separately, so
+    no answer is made of the title's end and the text's start). Titles are off by default: where
+    the answer is the page title (entity tasks), every passage of the page would hold it."""
     golds = answers if normalized else normalized_answers(answers)
     return (contains_answer(text, golds, normalized=normalized)
             or (use_title and bool(title) and contains_answer(title, golds, normalized=normalized)))
@@ -271,7 +273,7 @@ LABEL_ANSWERS = frozenset({"SUPPORTS", "REFUTES", "NOT ENOUGH INFO"})  # FEVER's
 
 
 def evaluate_retrievers(retrievers, examples, locator, *, ks: Sequence[int] = (1, 5, 12, 24), mrr_k: int = 10,
-                        answer_ks: Sequence[int] | None = None, use_title: bool = True,
+                        answer_ks: Sequence[int] | None = None, use_title: bool = False,
                         label_answers: Iterable[str] = LABEL_ANSWERS,
                         batch_size: int = 512, progress: bool = False) -> tuple[list[RetrievalReport], int]:
     """Run each retriever (``name -> object with batch_search(queries, k)`` returning hits with
@@ -281,7 +283,7 @@ def evaluate_retrievers(retrievers, examples, locator, *, ks: Sequence[int] = (1
     :class:`re2g.data.provenance.PassageLocator`; page-level provenance makes every passage of its
     page a positive) get passage-level Recall@k / MRR@k and KILT's page-level R-Precision.
     Examples with a gold answer get ``answer_recall@k`` for each of ``answer_ks`` (default ``ks``),
-    matched in each hit's text (and title when ``use_title``); answers in ``label_answers``
+    matched in each hit's text (also its title when ``use_title``); answers in ``label_answers``
     (FEVER's ``SUPPORTS`` / ``REFUTES``) are class labels, not strings to find, and are not used.
     An example with both gets both; ``n`` and ``n_answer`` of each report count the two populations.
 

@@ -6,9 +6,10 @@ KILT task files (one section per file, ``"format": "kilt"``):
   ``rprec_page`` (KILT's page-level R-Precision) over the ``n`` queries with a positive passage in
   the corpus. Provenance with paragraph ids makes the passages covering them positives; provenance
   naming a page only makes every passage of that page a positive.
-- ``answer_recall@k`` over the ``n_answer`` queries with a gold answer: a top-k passage (its text
-  or title) contains a gold answer as a token sequence after KILT/SQuAD normalization. Tasks
-  without provenance (NQ-open, TriviaQA, WebQuestions) get only these; queries with both get both.
+- ``answer_recall@k`` over the ``n_answer`` queries with a gold answer: a top-k passage's text
+  contains a gold answer as a token sequence after KILT/SQuAD normalization (DPR's top-k accuracy;
+  titles are not searched). Tasks without provenance (NQ-open, TriviaQA, WebQuestions) get only
+  these; queries with both get both.
   FEVER's labels (``SUPPORTS`` / ``REFUTES``) are not answer strings: fact verification gets none.
 - ``skipped``: queries with neither a positive passage nor an answer (left out, and said so).
 
