@@ -17,7 +17,7 @@ demo: setup
 # process, after the whole suite's Ray Data / Ray Train / Serve work, a new Ray Data actor pool in
 # test_predict waited forever for its actor's ALIVE notification (Ray 2.60; the actor was up).
 TRAINING_TESTS := tests/test_candidates_job.py tests/test_generation_training.py tests/test_train_stages.py \
-	tests/test_quickstart.py
+	tests/test_quickstart.py tests/test_real_weights.py
 
 test: setup
 	$(PY) -m pytest -q -m "not gpu" tests $(foreach f,$(TRAINING_TESTS),--ignore=$(f))

@@ -11,6 +11,7 @@ fastest round is reported (the machine may be shared); all rounds are in the JSO
 ``bench_out/embed_throughput.json``::
 
     python -m benchmarks.embed_throughput            # demo sample (~5k passages), tiny encoder
+    python -m benchmarks.embed_throughput --model minilm --limit 1000   # the real all-MiniLM-L6-v2
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ NAME = "embed_throughput"
 
 
 def run(corpus: common.Corpus, *, limit: int | None, batch_size: int, max_length: int, threads: int,
-        small_blocks: bool, repeats: int, result: common.Result) -> common.Result:
+        small_blocks: bool, repeats: int, result: common.Result, model_dir: str | None = None) -> common.Result:
     """Embed the first ``limit`` passages with every configuration in turn, ``repeats`` rounds;
-    each configuration's fastest round is its figure. Fills ``result``."""
+    each configuration's fastest round is its figure. Fills ``result``. ``model_dir``: the encoder
+    (default: the corpus's tiny one)."""
     from re2g.index.embed import embed_corpus, embed_corpus_local
 
     passages, n = corpus.subset(limit)
+    model_dir = str(model_dir or corpus.model_dir)
     scratch = corpus.root / "embed_throughput"
     common.connect_ray()
     ray_cpus = common.ray_cpus()
@@ -48,12 +51,12 @@ def run(corpus: common.Corpus, *, limit: int | None, batch_size: int, max_length
             for label, actors, per_actor, block_bytes in runs:
                 out = scratch / label.replace(" ", "_").replace(",", "")
                 if actors == 0:
-                    stats = embed_corpus_local(str(passages), str(corpus.model_dir), str(out), batch_size=batch_size,
+                    stats = embed_corpus_local(str(passages), model_dir, str(out), batch_size=batch_size,
                                                max_length=max_length, device="cpu", threads=per_actor,
                                                overwrite=True, progress=False)
                 else:
                     with common.ray_data_block_size(block_bytes):
-                        stats = embed_corpus(str(passages), str(corpus.model_dir), str(out), batch_size=batch_size,
+                        stats = embed_corpus(str(passages), model_dir, str(out), batch_size=batch_size,
                                              actors=actors, max_length=max_length, device="cpu",
                                              threads_per_actor=per_actor, overwrite=True)
                 rounds[label].append(stats.seconds)
@@ -68,7 +71,7 @@ def run(corpus: common.Corpus, *, limit: int | None, batch_size: int, max_length
 
     local = rows["local loop"]["passages_per_s"]
     result.params.update(size=corpus.size, passages=n, batch_size=batch_size, passage_max_length=max_length,
-                         threads=threads, model=str(corpus.model_dir), device="cpu", ray_cpus=ray_cpus,
+                         threads=threads, model=model_dir, device="cpu", ray_cpus=ray_cpus,
                          repeats=repeats)
     if ray_cpus > common.usable_cpus():
         result.notes.append(common.RAY_EXTRA_CPU_NOTE)
@@ -87,7 +90,7 @@ def run(corpus: common.Corpus, *, limit: int | None, batch_size: int, max_length
 def table(result: common.Result):
     from rich.table import Table
 
-    t = Table(title=f"embedding throughput ({result.params['passages']:,} passages, batch "
+    t = Table(title=f"embedding throughput ({Path(result.params['model']).name}, {result.params['passages']:,} passages, batch "
                     f"{result.params['batch_size']}, length {result.params['passage_max_length']})")
     for col in ("run", "actors x threads", "seconds (fastest)", "passages/s", "vs local loop", "all rounds"):
         t.add_column(col, justify="right" if col != "run" else "left")
@@ -109,17 +112,27 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--limit", type=int, default=None, help="embed only the first N passages (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None,
-                   help="passage max length (default: the tiny preset's passage_max_length)")
+                   help="passage max length (default: the tiny preset's passage_max_length; 128 for minilm)")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (the corpus's tiny encoder) | minilm (all-MiniLM-L6-v2: `re2g assets fetch minilm`) "
+                        "| a bi-encoder or encoder directory")
     p.add_argument("--threads", type=int, default=common.usable_cpus(), help="threads in all, per configuration")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all configurations; the fastest counts")
     p.add_argument("--no-small-blocks", dest="small_blocks", action="store_false",
                    help="skip the run with Ray Data's block size capped")
     args = p.parse_args(argv)
-    max_length = args.max_length or load_config(preset="tiny").models.passage_max_length
+    model_dir = None
+    if args.model == "minilm":
+        from re2g.assets import asset_path
+
+        model_dir = str(asset_path("minilm"))
+    elif args.model != "tiny":
+        model_dir = args.model
+    max_length = args.max_length or (128 if args.model == "minilm" else load_config(preset="tiny").models.passage_max_length)
     corpus = common.prepare_corpus(args.size, common.cache_dir(args))
     result = run(corpus, limit=args.limit, batch_size=args.batch_size, max_length=max_length,
                  threads=args.threads, small_blocks=args.small_blocks,
-                 repeats=args.repeats, result=common.Result(NAME))
+                 repeats=args.repeats, result=common.Result(NAME), model_dir=model_dir)
     return common.finish(result, table(result), args.out)
 
 

@@ -205,7 +205,8 @@ def init_models(
 def embed(
     passages: Annotated[str, typer.Argument(help="passages Parquet (path or URI)")],
     out: Annotated[str, typer.Argument(help="output embeddings directory (Parquet pid, vector)")],
-    model: Annotated[str, typer.Option(help="bi-encoder directory (BiEncoder.save_pretrained)")],
+    model: Annotated[str, typer.Option(help="bi-encoder: a saved re2g bi-encoder, or an encoder checkpoint "
+                                            "(DPR, sentence-transformers, any BERT-family encoder)")],
     actors: Annotated[Optional[int], typer.Option(help="encoder actors in the Ray Data pool")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="passages per encoder call")] = None,
     local: Annotated[bool, typer.Option(help="embed in this process without Ray")] = False,
@@ -213,7 +214,9 @@ def embed(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Embed passages with the DPR context encoder on Ray Data (one encoder actor per GPU where GPUs exist)."""
+    """Embed passages with the bi-encoder's context encoder on Ray Data (one encoder actor per GPU
+    where GPUs exist). Pooling, normalization and prefixes come from the checkpoint
+    (sentence-transformers' files where present); override them with --set models.pooling=mean etc."""
     from re2g.index.embed import embed_corpus, embed_corpus_local
     from re2g.runtime import connect_ray
 
@@ -222,11 +225,13 @@ def embed(
         bs = batch_size or cfg.index.embed_batch_size
         if local:
             stats = embed_corpus_local(passages, model, out, batch_size=bs, overwrite=overwrite,
-                                       max_length=cfg.models.passage_max_length)
+                                       max_length=cfg.models.passage_max_length,
+                                       encoding=cfg.models.encoder_overrides())
         else:
             connect_ray(cfg.ray)
             stats = embed_corpus(passages, model, out, batch_size=bs, actors=actors or cfg.index.embed_actors,
-                                 max_length=cfg.models.passage_max_length, overwrite=overwrite)
+                                 max_length=cfg.models.passage_max_length, overwrite=overwrite,
+                                 encoding=cfg.models.encoder_overrides())
     except Re2GError as e:
         _fail(e)
     console.print(stats.table())
@@ -459,18 +464,24 @@ def quickstart(
     keep_serving: Annotated[bool, typer.Option(help="keep the server running after the sample questions")] = True,
     dev_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N dev/test queries")] = 200,
     config: ConfigOpt = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="tiny (default: models built from config on the synthetic task) | small (real weights: "
+        "all-MiniLM-L6-v2 as DPR and reranker on Wikipedia's vital articles; zero-shot retrieval, then stage 1 "
+        "and the reranker; `re2g assets fetch` first)")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Everything in order on a local Ray: sample task, passages, BM25, DPR (stage 1), embedding + HNSW,
     generation (stage 2), reranker (stage 3), end-to-end with distillation (stage 4), KILT evaluation,
-    a report with plots, then the Serve app answering three sample questions."""
+    a report with plots, then the Serve app answering three sample questions. With --preset small:
+    real MiniLM weights on real Wikipedia text, zero-shot retrieval first, the retrieval side only."""
     from re2g.eval.report import stages_table, write_report
     from re2g.quickstart import run_quickstart
     from re2g.runtime import connect_ray
 
     try:
-        cfg = _load(config, "tiny" if config is None else None,
-                    [*(QUICKSTART_TINY if config is None else []), f"run_dir={run_dir}", f"data.sample.size={size}",
+        tiny = config is None and preset in (None, "tiny")
+        cfg = _load(config, preset or ("tiny" if config is None else None),
+                    [*(QUICKSTART_TINY if tiny else []), f"run_dir={run_dir}", f"data.sample.size={size}",
                      *(set_ or [])])
         connect_ray(cfg.ray)  # before any JVM starts in this process (see re2g.index.java)
         summary = run_quickstart(cfg, console=console, fresh=fresh, dev_limit=dev_limit, test_limit=dev_limit)
@@ -481,7 +492,9 @@ def quickstart(
     out.print(stages_table(summary))
     out.print(f"report: {files['markdown']}  plots: " + ", ".join(str(p) for k, p in files.items()
                                                               if str(p).endswith(".png")))
-    if serve_after:
+    if serve_after and "generator" in cfg.quickstart.skip:
+        out.print("not serving: this run has no trained generator (quickstart.skip leaves stage 2 out)")
+    elif serve_after:
         _serve_and_ask(run_dir, cfg, keep=keep_serving)
 
 

@@ -1,10 +1,13 @@
 """Typed configuration for every re2g stage and artifact.
 
 A config is YAML in, validated by pydantic, and saved beside every artifact it made
-(``config.yaml``). Two presets ship with the package:
+(``config.yaml``). Three presets ship with the package:
 
 * ``tiny``  -- models of a few hundred thousand parameters built from config, tokenizers trained
   on the corpus; for tests and the demo on CPU.
+* ``small`` -- real pretrained weights that install offline: sentence-transformers' all-MiniLM-L6-v2
+  (``asset:minilm``) as both DPR towers and as the reranker's start, on real Wikipedia text (the
+  vital-articles task); the generator stays tiny.
 * ``paper`` -- the checkpoints of the Re2G paper, loaded by hub name (needs a network) or from
   local ``save_pretrained`` directories.
 
@@ -26,9 +29,21 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from re2g.errors import ConfigError
 
 
+ASSET_PREFIX = "asset:"
+
+
 def _absolute_if_local(v: str | None) -> str | None:
     """An existing local path is made absolute (Ray Train workers and Ray Data actors do not run in
-    the driver's working directory); URIs, hub names (``org/model``) and paths not there yet are kept."""
+    the driver's working directory); URIs, hub names (``org/model``) and paths not there yet are kept.
+    ``asset:NAME`` is an asset of the local cache (``re2g assets``: ``asset:minilm``), resolved to its
+    path; one not fetched yet is an error that says how to fetch it."""
+    if v is not None and v.startswith(ASSET_PREFIX):
+        from re2g.assets import AssetError, asset_path
+
+        try:
+            return str(asset_path(v[len(ASSET_PREFIX):]))
+        except AssetError as e:
+            raise ValueError(str(e)) from None
     if v is None or "://" in v:
         return v
     p = Path(v).expanduser()
@@ -39,7 +54,7 @@ def _absolute_if_local(v: str | None) -> str | None:
 Location = Annotated[str | None, AfterValidator(_absolute_if_local)]
 
 CONFIG_FILENAME = "config.yaml"
-PRESETS = ("tiny", "paper")
+PRESETS = ("tiny", "small", "paper")
 
 
 class _Strict(BaseModel):
@@ -153,6 +168,9 @@ class ModelsConfig(_Strict):
     title_separator: str | None = Field(
         None, description="'pair': title and text as a tokenizer pair (DPR); any other string joins them into "
         "one text; unset: the checkpoint's (DPR: pair; sentence-transformers: ' ')")
+    score_scale: float | None = Field(
+        None, gt=0, description="factor on the bi-encoder's q.p before a softmax in training; unset: 20 for "
+        "normalized vectors (sentence-transformers' scale), 1 for raw inner products (DPR)")
     query_max_length: int = Field(64, ge=8, le=4096)
     passage_max_length: int = Field(128, ge=8, le=4096)
     reranker_max_length: int = Field(128, ge=8, le=4096, description="query+passage pair length (256 allowed)")
@@ -162,7 +180,7 @@ class ModelsConfig(_Strict):
 
     def encoder_overrides(self) -> dict[str, Any]:
         """The bi-encoder settings this config sets (``BiEncoder.from_pretrained``'s keyword overrides)."""
-        keys = ("pooling", "normalize", "query_prefix", "passage_prefix", "title_separator")
+        keys = ("pooling", "normalize", "query_prefix", "passage_prefix", "title_separator", "score_scale")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -275,9 +293,12 @@ class ServeDeploymentConfig(_Strict):
 
 
 class IngressServeConfig(ServeDeploymentConfig):
-    """The HTTP ingress: cheap per request (it awaits the others), so many requests at once."""
+    """The HTTP ingress: cheap per request (it awaits the others), so many requests at once; two
+    replicas, so a request the proxy sends again after losing one finds the other."""
 
     num_cpus: float = Field(0.1, ge=0)
+    min_replicas: int = Field(2, ge=0, description="autoscaling lower bound (2: a replica's death loses no request)")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
     max_ongoing_requests: int = Field(64, ge=1)
     target_ongoing_requests: float = Field(32.0, gt=0)
 
@@ -307,7 +328,8 @@ class ServeConfig(_Strict):
                                 "(`Authorization: Bearer KEY` is accepted too)")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (['*']: any; "
                                     "[]: no CORS headers)")
-    max_body_bytes: int = Field(65536, ge=1024, description="largest request body; beyond it: 413")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body; beyond it: 413 "
+                                "(the API's item limits are fitted to it, so a request valid by /openapi.json fits)")
     max_query_tokens: int | None = Field(None, ge=1, description="longest query in query-encoder tokens "
                                          "(None: models.query_max_length); beyond it: 422")
     max_batch_queries: int = Field(32, ge=1, le=1024, description="most queries in one /v1/answer:batch request")
@@ -492,10 +514,17 @@ class TrainConfig(_Strict):
     e2e: E2ETrainConfig = Field(default_factory=E2ETrainConfig)
 
 
+class QuickstartConfig(_Strict):
+    """What ``re2g quickstart`` runs (its steps: ``re2g.quickstart.STEPS``)."""
+
+    skip: list[str] = Field(default_factory=list, description="quickstart steps to leave out, by name "
+                            "(e.g. generator, e2e, evaluate: the retrieval side alone)")
+
+
 class Re2GConfig(_Strict):
     """Everything a run needs. Saved as ``config.yaml`` in every artifact directory."""
 
-    preset: Literal["tiny", "paper", "custom"] = "tiny"
+    preset: Literal["tiny", "small", "paper", "custom"] = "tiny"
     run_dir: str = Field("runs/quickstart", validate_default=True,
                          description="where the run's artifacts go (path or URI; a local path is made absolute)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
@@ -509,6 +538,7 @@ class Re2GConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    quickstart: QuickstartConfig = Field(default_factory=QuickstartConfig)
 
     @model_validator(mode="after")
     def _sample_task(self) -> "Re2GConfig":

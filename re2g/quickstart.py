@@ -2,13 +2,19 @@
 
 A local Ray started in-process, the sample task, tiny models, every stage in order:
 
-    sample -> passages (Ray Data) -> BM25 -> mine negatives -> DPR (stage 1, Ray Train + DeepSpeed)
-    -> embed (Ray Data) + HNSW shards (Ray tasks) -> retrieval report -> generation (stage 2)
-    -> reranker (stage 3) -> end-to-end with distillation (stage 4) -> KILT evaluation on dev and test
+    sample -> passages (Ray Data) -> BM25 -> [zero-shot retrieval] -> mine negatives
+    -> DPR (stage 1, Ray Train + DeepSpeed) -> embed (Ray Data) + HNSW shards (Ray tasks)
+    -> retrieval report -> generation (stage 2) -> reranker (stage 3)
+    -> end-to-end with distillation (stage 4) -> KILT evaluation on dev and test
     -> report (Markdown, JSON, plots) -> Serve app answering three sample questions
 
-A step whose outputs exist for the same config is skipped (so a second run resumes where the first
-stopped); ``fresh=True`` starts over. Each step's result is kept in ``RUN_DIR/.quickstart/``.
+With a pretrained bi-encoder (the ``small`` preset's MiniLM, or any ``models.query_encoder``) the
+zero-shot step embeds the corpus with it as it comes and scores BM25, it and their hybrid before
+any training, so the report shows what stage 1 and the reranker add to real weights.
+``quickstart.skip`` leaves steps out (the ``small`` preset: the generator side, whose reader is
+still tiny). A step whose outputs exist for the same config is skipped (so a second run resumes
+where the first stopped); ``fresh=True`` starts over. Each step's result is kept in
+``RUN_DIR/.quickstart/``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 
 from re2g.config import Re2GConfig, save_config
+from re2g.errors import ConfigError
 from re2g.layout import RunLayout, join
 
 STATE_DIR = ".quickstart"
@@ -155,20 +162,28 @@ def _dpr(ctx: Context) -> dict:
     return _stage_summary(res, "dpr", "recall@5")
 
 
-def _embed_index(ctx: Context) -> dict:
+def _embed_and_index(ctx: Context, model_dir: str, embeddings: str, dense_dir: str) -> dict:
+    """Embed the passages with ``model_dir`` (Ray Data) and build its HNSW shards (Ray tasks)."""
     from re2g.index.dense import build_dense_index
-    from re2g.index.embed import embed_corpus
+    from re2g.index.embed import embed_corpus, read_embeddings_meta
 
-    stats = embed_corpus(ctx.layout.passages, ctx.layout.model("dpr"), ctx.layout.embeddings,
+    stats = embed_corpus(ctx.layout.passages, model_dir, embeddings,
                          batch_size=ctx.cfg.index.embed_batch_size, actors=ctx.cfg.index.embed_actors,
                          max_length=ctx.cfg.models.passage_max_length, overwrite=True)
     ctx.console.print(stats.table())
-    info = build_dense_index(ctx.layout.embeddings, ctx.layout.dense_index, ctx.cfg.index,
-                             encoder_fingerprint=stats.fingerprint, overwrite=True)
+    info = build_dense_index(embeddings, dense_dir, ctx.cfg.index, encoder_fingerprint=stats.fingerprint,
+                             encoder_settings=read_embeddings_meta(embeddings).get("encoder_settings"),
+                             overwrite=True)
     return {"embed": stats.to_dict(), "index": {k: v for k, v in info.__dict__.items() if k != "manifest"}}
 
 
-def _retrieval(ctx: Context) -> dict:
+def _embed_index(ctx: Context) -> dict:
+    return _embed_and_index(ctx, ctx.layout.model("dpr"), ctx.layout.embeddings, ctx.layout.dense_index)
+
+
+def _score_retrievers(ctx: Context, model_dir: str, dense_dir: str, label: str) -> dict:
+    """BM25, the dense retriever of ``model_dir`` and their hybrid on the dev and test queries:
+    ``{split: {system: metrics}}`` (tables printed)."""
     import pyarrow.parquet as pq
 
     from re2g.data.kilt import read_kilt
@@ -177,8 +192,8 @@ def _retrieval(ctx: Context) -> dict:
     from re2g.index.retrievers import open_retrievers
     from re2g.models.encoders import BiEncoder
 
-    enc = BiEncoder.from_pretrained(ctx.layout.model("dpr"))
-    retrievers = open_retrievers(ctx.cfg, passages=ctx.layout.passages, dense_dir=ctx.layout.dense_index,
+    enc = BiEncoder.from_pretrained(model_dir, query_max_length=ctx.cfg.models.query_max_length)
+    retrievers = open_retrievers(ctx.cfg, passages=ctx.layout.passages, dense_dir=dense_dir,
                                  bm25_dir=ctx.layout.bm25_index, query_encoder=enc)
     locator = PassageLocator.from_table(pq.read_table(ctx.layout.passages, columns=["pid"]))
     out = {}
@@ -187,8 +202,27 @@ def _retrieval(ctx: Context) -> dict:
             continue
         examples = read_kilt(ctx.task_file(split))[:limit]
         reports, skipped = evaluate_retrievers(retrievers, examples, locator)
-        ctx.console.print(reports_table(reports, title=f"{split} retrieval ({ctx.cfg.train.task})"))
+        ctx.console.print(reports_table(reports, title=f"{split} retrieval, {label} ({ctx.cfg.train.task})"))
         out[split] = {r.name: r.metrics for r in reports}
+    return out
+
+
+def _zeroshot(ctx: Context) -> dict:
+    """The pretrained bi-encoder as it comes (no training), beside BM25 and their hybrid."""
+    if ctx.cfg.models.query_encoder is None:
+        return {"metric": "not run: no pretrained bi-encoder (stage 1 starts from scratch)"}
+    model_dir = str(ctx.run_dir / "models" / "init" / "biencoder")
+    index = _embed_and_index(ctx, model_dir, join(ctx.cfg.run_dir, "embeddings-zeroshot"),
+                             join(ctx.cfg.run_dir, "index", "dense-zeroshot"))
+    out = _score_retrievers(ctx, model_dir, join(ctx.cfg.run_dir, "index", "dense-zeroshot"), "zero-shot")
+    renamed = {split: {("bm25" if name == "bm25" else f"{name} zero-shot"): m for name, m in systems.items()}
+               for split, systems in out.items()}
+    return {"retrieval": renamed, **index, "metric": "dev recall@5 (bi-encoder zero-shot)",
+            "after": out["dev"]["dpr"]["recall@5"]}
+
+
+def _retrieval(ctx: Context) -> dict:
+    out = _score_retrievers(ctx, ctx.layout.model("dpr"), ctx.layout.dense_index, "after stage 1")
     return {"retrieval": out, "metric": "dev recall@24 (hybrid)", "after": out["dev"]["hybrid"]["recall@24"]}
 
 
@@ -287,7 +321,9 @@ STEPS: list[Step] = [
          lambda c: [join(c.layout.sample, "sample.json")] if c.uses_sample else []),
     Step("passages", "passages (Ray Data)", _passages, lambda c: [c.layout.passages]),
     Step("bm25", "BM25 index (Lucene)", _bm25, lambda c: [c.layout.bm25_index]),
-    Step("init_models", "initial tiny models", _init_models, lambda c: [join(c.cfg.run_dir, "models", "init")]),
+    Step("init_models", "initial models", _init_models, lambda c: [join(c.cfg.run_dir, "models", "init")]),
+    Step("zeroshot", "zero-shot retrieval (the pretrained bi-encoder as it comes)", _zeroshot,
+         lambda c: [join(c.cfg.run_dir, "index", "dense-zeroshot")] if c.cfg.models.query_encoder else []),
     Step("mine", "hard negatives (BM25)", _mine, lambda c: [join(c.cfg.run_dir, "train", "negatives.jsonl")]),
     Step("dpr", "stage 1: DPR (Ray Train + DeepSpeed)", _dpr, lambda c: [c.layout.model("dpr")]),
     Step("index", "embed (Ray Data) + HNSW shards (Ray tasks)", _embed_index, lambda c: [c.layout.dense_index]),
@@ -322,10 +358,18 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
     ctx = Context(cfg=cfg, layout=RunLayout(str(run_dir)), console=console, dev_limit=dev_limit,
                   test_limit=test_limit)
     h = config_hash(cfg)
+    unknown = set(cfg.quickstart.skip) - {s.name for s in STEPS}
+    if unknown:
+        raise ConfigError(f"quickstart.skip: unknown steps {sorted(unknown)}: expected some of "
+                          f"{', '.join(s.name for s in STEPS)}")
     t_all = time.time()
     stages = []
     for i, step in enumerate(STEPS, 1):
         if only and step.name not in only:
+            continue
+        if step.name in cfg.quickstart.skip:
+            console.rule(f"[bold]{i}/{len(STEPS)} {step.title}: left out (quickstart.skip)")
+            stages.append({"name": step.name, "metric": "left out (quickstart.skip)", "skipped": True})
             continue
         if not step.available():
             console.rule(f"[bold]{i}/{len(STEPS)} {step.title}: not in this version ({step.needs} is missing)")
@@ -348,7 +392,9 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
         ctx.results[step.name] = result
         stages.append({"name": step.name, "metric": result.get("metric", ""), "before": result.get("before"),
                        "after": result.get("after"), "seconds": seconds, "skipped": skipped})
-    retrieval = dict(ctx.results.get("retrieval", {}).get("retrieval", {}))
+    retrieval = {split: dict(systems) for split, systems in ctx.results.get("retrieval", {}).get("retrieval", {}).items()}
+    for split, systems in (ctx.results.get("zeroshot") or {}).get("retrieval", {}).items():
+        retrieval[split] = {**systems, **retrieval.get(split, {})}  # zero-shot rows first
     reranked = ((ctx.results.get("reranker") or {}).get("eval") or {}).get("after", {}).get("reranker")
     if reranked and "dev" in retrieval:  # the reranker's order of the hybrid's dev lists (stage 3)
         retrieval["dev"] = {**retrieval["dev"], "reranked": reranked}

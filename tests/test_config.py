@@ -72,7 +72,7 @@ def test_bad_yaml_and_bad_override(tmp_path):
         load_config(overrides=["index.num_shards"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="expected one of tiny, paper"):
+    with pytest.raises(ConfigError, match="expected one of tiny, small, paper"):
         load_config(preset="huge")
 
 
@@ -104,3 +104,17 @@ def test_local_paths_become_absolute_names_and_uris_stay(tmp_path, monkeypatch):
     assert cfg.train.generator.biencoder == "not/yet/there"
     cfg.train.reranker.init_from_biencoder = "models/dpr"
     assert cfg.train.reranker.init_from_biencoder == str(tmp_path / "models" / "dpr")
+
+
+def test_asset_locations_and_the_small_preset(tmp_path, monkeypatch):
+    """``asset:NAME`` resolves to the local asset cache; a missing asset is refused with how to fetch it."""
+    from re2g.config import load_config
+    from re2g.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown asset 'nope'"):
+        load_config(preset="tiny", overrides=["models.query_encoder=asset:nope"])
+    monkeypatch.setenv("RE2G_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"models.query_encoder.*re2g assets fetch minilm"):
+        load_config(preset="small")
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_config(preset="tiny", overrides=["quickstart.skip=7"])

@@ -227,6 +227,11 @@ class BiEncoder(torch.nn.Module):
         CLS-pooled query encoder over the same weights)."""
         return settings_fingerprint(module_fingerprint(self.ctx_encoder), self.settings)
 
+    @property
+    def logit_scale(self) -> float:
+        """The factor on ``q . p`` before a softmax in training (see ``EncoderSettings.logit_scale``)."""
+        return self.settings.logit_scale
+
     def backbone(self, role: str = "query") -> torch.nn.Module:
         """The transformer under a tower (DPR wraps a ``BertModel``; other encoders are one)."""
         enc = self.query_encoder if role == "query" else self.ctx_encoder
@@ -355,7 +360,7 @@ class BiEncoder(torch.nn.Module):
 
         ``*_max_length`` override the saved (or sentence-transformers', or default) lengths;
         ``settings`` (``pooling``, ``normalize``, ``query_prefix``, ``passage_prefix``,
-        ``title_separator``; None keeps) override the saved or checkpoint's :class:`EncoderSettings`.
+        ``title_separator``, ``score_scale``; None keeps) override the saved or checkpoint's :class:`EncoderSettings`.
         """
         path = Path(str(name_or_path)).expanduser()
         meta = read_model_meta(path) if path.is_dir() else None
@@ -398,6 +403,7 @@ class BiEncoder(torch.nn.Module):
 def settings_fingerprint(weights_fingerprint: str, settings: EncoderSettings) -> str:
     """The bi-encoder fingerprint: the weights' alone under DPR's recipe (so indexes built before
     settings existed still match), else a hash of both."""
+    settings = settings.identity()
     if settings == DPR_SETTINGS:
         return weights_fingerprint
     import hashlib

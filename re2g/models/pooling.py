@@ -13,6 +13,7 @@ shard search, mining, every training stage and serving alike.
 * ``title_separator``: ``None`` encodes a passage as the tokenizer pair ``(title, text)`` — DPR's
   ``[CLS] title [SEP] text [SEP]``; a string joins them into one text ``title + sep + text`` (how
   sentence-transformers models see a document).
+* ``score_scale``: the factor on ``q . p`` before a softmax in training (:attr:`EncoderSettings.logit_scale`).
 
 Defaults come from the checkpoint: a DPR encoder is ``pooler`` without normalization and with the
 title pair (DPR's own recipe); a directory with sentence-transformers files (``modules.json``,
@@ -46,10 +47,26 @@ class EncoderSettings:
     query_prefix: str = ""
     passage_prefix: str = ""
     title_separator: str | None = None
+    score_scale: float | None = None
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling: got {self.pooling!r}: expected one of {', '.join(POOLING_MODES)}")
+
+    @property
+    def logit_scale(self) -> float:
+        """What relevance scores ``q . p`` are multiplied by before any softmax in training (stage 1's
+        NLL, stage 2's passage weights, stage 4's distillation, joint training): ``score_scale``, else
+        20 for normalized vectors (cosines in [-1, 1] would give a near-uniform softmax; 20 is
+        sentence-transformers' MultipleNegativesRankingLoss scale) and 1 for raw inner products (DPR).
+        Rankings do not depend on it, so it is not part of the fingerprint."""
+        if self.score_scale is not None:
+            return float(self.score_scale)
+        return 20.0 if self.normalize else 1.0
+
+    def identity(self) -> "EncoderSettings":
+        """The settings that decide the vectors (what the fingerprint hashes): all but ``score_scale``."""
+        return replace(self, score_scale=None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -106,9 +106,11 @@ def dpr_retrieve(index, q: torch.Tensor, k: int) -> list[list[Hit]]:
     return index.search_vectors(q.detach().float().cpu().numpy(), k)
 
 
-def passage_scores(index, q: torch.Tensor, pids: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q_b . p`` for the stored vectors of each query's ``pids`` (lists may differ in length):
-    (B, C) scores (gradient to ``q``) and (B, C) mask of real entries; padding scores are 0."""
+def passage_scores(index, q: torch.Tensor, pids: Sequence[Sequence[str]],
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale * q_b . p`` for the stored vectors of each query's ``pids`` (lists may differ in length):
+    (B, C) scores (gradient to ``q``) and (B, C) mask of real entries; padding scores are 0.
+    ``scale``: the bi-encoder's ``logit_scale`` (20 for normalized vectors, 1 for DPR's)."""
     B = len(pids)
     C = max((len(x) for x in pids), default=0)
     flat = [p for x in pids for p in x]
@@ -117,7 +119,7 @@ def passage_scores(index, q: torch.Tensor, pids: Sequence[Sequence[str]]) -> tup
                        device=q.device)
     Pm = torch.zeros(B * C, q.shape[-1], dtype=q.dtype, device=q.device).index_copy(0, idx, P).view(B, C, -1)
     mask = torch.zeros(B * C, dtype=torch.bool, device=q.device).index_fill(0, idx, True).view(B, C)
-    return torch.einsum("bd,bcd->bc", q, Pm), mask
+    return torch.einsum("bd,bcd->bc", q, Pm) * scale, mask
 
 
 def merge_candidates(dpr: Sequence[Sequence[str]], bm25: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -240,7 +242,7 @@ def rag_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping,
     hits = dpr_retrieve(index, q, n_docs)
     n = min(len(h) for h in hits)
     pids = [[h.pid for h in hs[:n]] for hs in hits]
-    scores, _ = passage_scores(index, q, pids)                                # (B, n)
+    scores, _ = passage_scores(index, q, pids, model.biencoder.logit_scale)  # (B, n)
     gen = model.generator
     enc_t = gen.tokenize_targets([x["target"] for x in batch])
     passages = [[lookup[p][:2] for p in row] for row in pids]
@@ -259,7 +261,7 @@ def e2e_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping,
         q = model.biencoder.encode_queries(queries)                           # (B, D)
     dpr = [[h.pid for h in hs] for hs in dpr_retrieve(index, q, dpr_k)]
     cands = merge_candidates(dpr, [x.get("bm25", []) for x in batch])
-    z_dpr, mask = passage_scores(index, q, cands)                             # (B, C)
+    z_dpr, mask = passage_scores(index, q, cands, model.biencoder.logit_scale)  # (B, C)
     z_r = rerank_matrix(model.reranker, queries, cands, lookup, mask)         # (B, C)
     top, doc = rerank_top(z_r, z_dpr, mask, rerank_k, option)                # (B, k) best first, (B, k)
     top_pids = [[c[j] for j in row] for c, row in zip(cands, top.tolist())]
@@ -368,7 +370,7 @@ def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence[str]]
             dpr = [[h.pid for h in hs] for hs in dpr_hits]
             dpr_lists += dpr
             cands = merge_candidates(dpr, bm25[s])
-            z_dpr, mask = passage_scores(index, q, cands)
+            z_dpr, mask = passage_scores(index, q, cands, model.biencoder.logit_scale)
             z_r = rerank_matrix(model.reranker, queries, cands, lookup, mask, batch_size=64)
             kls.append(float(distill_kl(z_r, z_dpr, mask, temperature)) * len(queries))
             kls1.append(float(listwise_kl(z_r, z_dpr, mask)) * len(queries))

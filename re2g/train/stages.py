@@ -110,7 +110,7 @@ class DPRStage(StageBase):
         for i, x in enumerate(batch):
             pos_keys[i, :len(x["positive_keys"])] = torch.tensor(x["positive_keys"], dtype=torch.long)
         mask = false_negative_mask(pos_keys, keys_all)  # (B, N)
-        return in_batch_nll(q, p_all, positive, mask), B
+        return in_batch_nll(q * model.logit_scale, p_all, positive, mask), B  # scale: see EncoderSettings
 
     def evaluate(self, model) -> dict[str, float]:
         rankings = dense_rankings(model, self.dev.queries, self.lookup)
@@ -267,7 +267,7 @@ class JointStage(StageBase):
         idx = torch.tensor([i * C + j for i, x in enumerate(batch) for j in range(len(x["passages"]))],
                            device=p.device)
         P = torch.zeros(B * C, p.shape[-1], dtype=p.dtype, device=p.device).index_put((idx,), p).view(B, C, -1)
-        s_de = torch.einsum("bd,bcd->bc", q, P)  # (B, C)
+        s_de = torch.einsum("bd,bcd->bc", q, P) * bi.logit_scale  # (B, C)
         return rocketqa_joint_loss(s_ce, s_de, labels, mask, kl_weight=self.kl_weight,
                                    ce_weight=self.ce_weight), B
 
