@@ -20,8 +20,6 @@ down, 504 past the deadline. ``curl -d`` sends ``application/x-www-form-urlencod
 such bodies (and bodies without a content type) as JSON.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import logging
@@ -39,9 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from re2g.types import Hit
 from serve.metrics import IngressMetrics
 from serve.schemas import (
-    AnswerRequest,
     AnswerResponse,
-    BatchAnswerRequest,
     BatchAnswerResponse,
     CandidateOut,
     ComponentHealth,
@@ -51,12 +47,12 @@ from serve.schemas import (
     HitOut,
     InfoResponse,
     ProvenanceOut,
+    RequestLimits,
     RerankedOut,
-    RerankRequest,
     RerankResponse,
-    RetrieveRequest,
     RetrieveResponse,
     Timings,
+    request_models,
 )
 
 log = logging.getLogger("re2g.serve")
@@ -76,7 +72,7 @@ class ApiSettings:
     api_key: str | None = None
     api_key_header: str = "X-API-Key"
     cors_origins: Sequence[str] = ()
-    max_body_bytes: int = 65536
+    max_body_bytes: int = 2 * 1024 * 1024
     max_query_tokens: int = 64
     request_timeout_s: float = 30.0
     retry_after_s: float = 1.0
@@ -262,6 +258,9 @@ def _reason(e: dict) -> str:
     t, msg = e.get("type", ""), str(e.get("msg", ""))
     if t == "missing":
         return "required"
+    if t == "string_too_long":
+        n = len(e["input"]) if isinstance(e.get("input"), str) else "too many"
+        return f"has {n} characters; the limit is {(e.get('ctx') or {}).get('max_length')} characters"
     if t == "extra_forbidden":
         return "unknown field"
     if t in ("model_attributes_type", "dict_type", "model_type"):
@@ -269,8 +268,9 @@ def _reason(e: dict) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
-    """FastAPI's validation errors as one :class:`ApiError`: 400 for a body that is not JSON, else 422."""
+def validation_error(exc: RequestValidationError, query_note: str = "") -> ApiError:
+    """FastAPI's validation errors as one :class:`ApiError`: 400 for a body that is not JSON, else 422.
+    ``query_note`` is appended to the reason of a query that is too long."""
     errs = exc.errors()
     bad_json = next((e for e in errs if e.get("type") == "json_invalid"), None)
     if bad_json is not None:
@@ -284,7 +284,10 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         if loc and loc[0] not in ("body",):      # query/path/header parameters: keep their kind
             fields.append((".".join(str(p) for p in loc), _reason(e)))
         else:
-            fields.append((_field_name(loc), _reason(e)))
+            name, reason = _field_name(loc), _reason(e)
+            if query_note and e.get("type") == "string_too_long" and (name == "query" or name.startswith("queries[")):
+                reason += query_note
+            fields.append((name, reason))
     if not fields:
         fields = [("body", "invalid")]
     message = "; ".join(f"{f}: {r}" for f, r in fields)
@@ -313,10 +316,10 @@ def reranked_out(h: Any, given: bool = False) -> RerankedOut:
                        rerank_score=_num(h.rerank_score) or 0.0, rerank_rank=h.rerank_rank)
 
 
-def answer_out(a: Any, timings: Timings, return_passages: bool = True) -> AnswerResponse:
+def answer_out(a: Any, timings: Timings, return_passages: bool = True, truncated: bool = False) -> AnswerResponse:
     """``re2g.models.decoding.Answer`` -> :class:`AnswerResponse`."""
     return AnswerResponse(
-        query=a.query, answer=a.answer,
+        query=a.query, query_truncated=truncated, answer=a.answer,
         candidates=[CandidateOut(text=c.text, logprob=_num(c.logprob)) for c in a.candidates],
         provenance=[ProvenanceOut(pid=p.pid, title=p.title, text=p.text if return_passages else None,
                                   wikipedia_id=p.wikipedia_id, source=p.source,
@@ -331,12 +334,33 @@ def answer_out(a: Any, timings: Timings, return_passages: bool = True) -> Answer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the body is not JSON"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
-    413: {"model": ErrorResponse, "description": "the body is too large"},
+    413: {"model": ErrorResponse, "description": "the body is larger than serve.max_body_bytes (never for a "
+          "schema-valid request in compact JSON: the item limits are chosen so)"},
     415: {"model": ErrorResponse, "description": "the body is not JSON (content type)"},
     422: {"model": ErrorResponse, "description": "a field is wrong (named in errors[].field)"},
     503: {"model": ErrorResponse, "description": "queues full (see Retry-After) or a deployment unavailable"},
     504: {"model": ErrorResponse, "description": "the deadline passed"},
 }
+
+
+def fit_query(query: str, count_tokens: Callable[[str], int], limit: int) -> tuple[str, bool]:
+    """``(query, False)`` when it has at most ``limit`` tokens, else ``(its longest prefix that has, True)``,
+    cut at a word boundary where there is one (a binary search over prefix lengths: a dozen counts)."""
+    if count_tokens(query) <= limit:
+        return query, False
+    lo, hi = 0, len(query)              # count(query[:lo]) <= limit < count(query[:hi])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_tokens(query[:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    cut = query[:lo]
+    if lo < len(query) and not query[lo].isspace():
+        words = cut.rsplit(None, 1)
+        if len(words) == 2 and words[0].strip():
+            cut = words[0]
+    return cut.strip(), True
 
 
 def _serve_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -356,6 +380,12 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
     from serve.docs import render_docs
 
     s = settings
+    limits = RequestLimits.fit(retrieve_k=s.retrieve_k, max_n_docs=s.max_n_docs, max_batch_queries=s.max_batch_queries,
+                               max_body_bytes=s.max_body_bytes)
+    models = request_models(limits)
+    errors = {**ERROR_RESPONSES, 413: {**ERROR_RESPONSES[413], "description": f"the body is larger than "
+                                       f"{s.max_body_bytes} bytes (never for a schema-valid request in compact JSON)"}}
+    query_note = f" (the query encoder reads at most {s.max_query_tokens} tokens)"
     metrics = metrics or IngressMetrics()
     backpressure, unavailable = _serve_errors()
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
@@ -371,7 +401,7 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return validation_error(exc, query_note).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
@@ -399,22 +429,19 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             raise ApiError(503, "unavailable", f"a deployment is unavailable ({type(e).__name__}); retry later",
                            headers={"Retry-After": str(max(1, math.ceil(s.retry_after_s)))}) from None
 
-    def check_query(q: str, name: str = "query") -> str:
-        n = backend.count_tokens(q)
-        if n > s.max_query_tokens:
-            raise bad_field(name, f"has {n} tokens; the limit is {s.max_query_tokens}")
-        return q.strip()
+    def check_query(q: str) -> tuple[str, bool]:
+        """The query as answered (stripped; cut to ``max_query_tokens`` tokens) and whether it was cut."""
+        q, cut = fit_query(q.strip(), backend.count_tokens, s.max_query_tokens)
+        if not q:      # only where max_query_tokens leaves no room for a word (a config error)
+            raise bad_field("query", f"no word fits serve.max_query_tokens ({s.max_query_tokens})")
+        return q, cut
 
     def depths(top_k: int | None, n_docs: int | None) -> tuple[int, int]:
-        if top_k is not None and top_k > s.retrieve_k:
-            raise bad_field("top_k", f"must be <= {s.retrieve_k} (the retrievers return "
-                            f"retrieval.dpr_top_k + retrieval.bm25_top_k = {s.retrieve_k} candidates)")
-        k = s.retrieve_k if top_k is None else top_k
-        if n_docs is not None and n_docs > s.max_n_docs:
-            raise bad_field("n_docs", f"must be <= {s.max_n_docs}")
-        if n_docs is not None and n_docs > k:
-            raise bad_field("n_docs", f"must be <= top_k ({k})")
-        return k, min(s.default_n_docs, k) if n_docs is None else n_docs
+        """(candidates to rerank, passages to generate from). The schema bounds both (top_k by the
+        retrieval depth); n_docs above top_k reads top_k passages."""
+        k = min(s.retrieve_k, limits.max_top_k if top_k is None else top_k)
+        n = s.default_n_docs if n_docs is None else n_docs
+        return k, max(1, min(n, k, s.max_n_docs))
 
     def timings(t: Sequence[float]) -> Timings:
         names = ("retrieve", "rerank", "generate")
@@ -456,12 +483,15 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
 
     # ---- the API
 
-    @app.post("/v1/answer", response_model=AnswerResponse, responses=ERROR_RESPONSES, summary="Answer a query")
+    AnswerRequest, BatchAnswerRequest = models.AnswerRequest, models.BatchAnswerRequest
+    RetrieveRequest, RerankRequest = models.RetrieveRequest, models.RerankRequest
+
+    @app.post("/v1/answer", response_model=AnswerResponse, responses=errors, summary="Answer a query")
     async def answer(req: AnswerRequest) -> AnswerResponse:
         """Retrieve (DPR + BM25, fused), rerank (cross-encoder), generate (BART over the top ``n_docs``
         passages, weighted by softmax of the rerank scores). Returns the answer, candidate answers with
         log-probabilities, the provenance passages with their scores, and seconds per stage."""
-        q = check_query(req.query)
+        q, cut = check_query(req.query)
         k, n_docs = depths(req.top_k, req.n_docs)
 
         async def work():
@@ -472,19 +502,17 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             t.append(time.perf_counter())
             ans = await backend.generate(q, reranked)
             t.append(time.perf_counter())
-            return answer_out(ans, timings(t), req.return_passages)
+            return answer_out(ans, timings(t), req.return_passages, cut)
 
         return await guarded(req.timeout_s, work)
 
-    @app.post("/v1/answer:batch", response_model=BatchAnswerResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/answer:batch", response_model=BatchAnswerResponse, responses=errors,
               summary="Answer many queries as one batch")
     async def answer_batch(req: BatchAnswerRequest) -> BatchAnswerResponse:
         """``/v1/answer`` for every query; each stage runs once for the whole list. Answers are in the
         order of ``queries``; the timings are the batch's."""
-        if len(req.queries) > s.max_batch_queries:
-            raise bad_field("queries", f"at most {s.max_batch_queries} queries per request "
-                            f"(got {len(req.queries)})")
-        qs = [check_query(q, f"queries[{i}]") for i, q in enumerate(req.queries)]
+        fitted = [check_query(q) for q in req.queries]
+        qs = [q for q, _ in fitted]
         k, n_docs = depths(req.top_k, req.n_docs)
 
         async def work():
@@ -496,15 +524,16 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             answers = await backend.generate_many(qs, reranked)
             t.append(time.perf_counter())
             tm = timings(t)
-            return BatchAnswerResponse(answers=[answer_out(a, tm, req.return_passages) for a in answers], timings=tm)
+            return BatchAnswerResponse(answers=[answer_out(a, tm, req.return_passages, cut)
+                                                for a, (_, cut) in zip(answers, fitted)], timings=tm)
 
         return await guarded(req.timeout_s, work)
 
-    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=errors,
               summary="Retrieve candidates")
     async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
         """DPR and BM25 candidates for the query, fused (``retrieval.fusion``) and deduplicated, best first."""
-        q = check_query(req.query)
+        q, cut = check_query(req.query)
         k, _ = depths(req.top_k, 1)
 
         async def work():
@@ -512,15 +541,16 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             hits = (await backend.retrieve(q))[:k]
             dt = time.perf_counter() - t0
             metrics.stage("retrieve", dt)
-            return RetrieveResponse(query=q, hits=[hit_out(h) for h in hits], timings=Timings(retrieve=dt, total=dt))
+            return RetrieveResponse(query=q, query_truncated=cut, hits=[hit_out(h) for h in hits],
+                                    timings=Timings(retrieve=dt, total=dt))
 
         return await guarded(req.timeout_s, work)
 
-    @app.post("/v1/rerank", response_model=RerankResponse, responses=ERROR_RESPONSES,
+    @app.post("/v1/rerank", response_model=RerankResponse, responses=errors,
               summary="Rerank given passages")
     async def rerank(req: RerankRequest) -> RerankResponse:
         """Score each passage against the query with the cross-encoder; best first, the first ``top_k``."""
-        q = check_query(req.query)
+        q, cut = check_query(req.query)
         hits = [Hit(pid=p.pid if p.pid is not None else str(i), score=0.0, rank=i, source="rerank",
                     title=p.title, text=p.text) for i, p in enumerate(req.passages)]
 
@@ -529,7 +559,7 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             ranked = await backend.rerank(q, hits, req.top_k)
             dt = time.perf_counter() - t0
             metrics.stage("rerank", dt)
-            return RerankResponse(query=q, passages=[reranked_out(h, given=True) for h in ranked],
+            return RerankResponse(query=q, query_truncated=cut, passages=[reranked_out(h, given=True) for h in ranked],
                                   timings=Timings(rerank=dt, total=dt))
 
         return await guarded(req.timeout_s, work)

@@ -318,32 +318,78 @@ class Generator(_Stage):
 # --------------------------------------------------------------------------- ingress
 
 
-class HandleBackend:
-    """The API's backend in Serve: the three deployments' handles, and the query tokenizer."""
+def _replica_lost_errors() -> tuple[type, ...]:
+    """What a DeploymentHandle raises when the replica serving a call died or cannot be reached."""
+    from ray.exceptions import RayActorError          # ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import ReplicaUnavailableError
 
-    def __init__(self, retriever, reranker, generator, tokenizer):
+    return RayActorError, ReplicaUnavailableError
+
+
+def replica_lost(e: BaseException) -> bool:
+    """True when ``e`` says a replica died or was unreachable (the call can go to another replica): a
+    :class:`ray.exceptions.RayActorError` (``ActorDiedError``, ``ActorUnavailableError``), Serve's
+    ``ReplicaUnavailableError``, or an error caused by one (Serve's "upstream actor died" error, a
+    ``RayTaskError`` wrapping an actor's death). Overload (``BackPressureError``) and a deployment that
+    failed to deploy (``DeploymentUnavailableError``) are not: they are answered with 503 at once."""
+    lost = _replica_lost_errors()
+    seen = 0
+    while e is not None and seen < 4:
+        if isinstance(e, lost):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return False
+
+
+class HandleBackend:
+    """The API's backend in Serve: the three deployments' handles, and the query tokenizer.
+
+    Stage calls are idempotent (a stage computes from its arguments alone), so a call whose replica
+    died or was unreachable is sent again (:func:`replica_lost`), after ``retry_backoff_s`` doubling up
+    to 1 s, until it succeeds: the API's deadline (``asyncio.wait_for`` around the whole request)
+    bounds the retries, and cancels the call in flight when it passes. The handle's router routes the
+    retry to a live replica, or holds it until the controller has started a replacement."""
+
+    def __init__(self, retriever, reranker, generator, tokenizer, *, retry_backoff_s: float = 0.05):
         self.retriever = retriever
         self.reranker = reranker
         self.generator = generator
         self.tokenizer = tokenizer
+        self.retry_backoff_s = retry_backoff_s
+        self.retries = 0          # calls sent again (this ingress replica)
+
+    async def _call(self, stage: str, method, *args):
+        delay = self.retry_backoff_s
+        while True:
+            try:
+                return await method.remote(*args)
+            except Exception as e:
+                if not replica_lost(e):
+                    raise
+                self.retries += 1
+                log.warning("%s: a replica was lost (%s); sending the call again in %.2f s",
+                            stage, type(e).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(1.0, 2 * delay)
 
     async def retrieve(self, query: str) -> list[Hit]:
-        return await self.retriever.retrieve.remote(query)
+        return await self._call("retrieve", self.retriever.retrieve, query)
 
     async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
-        return await self.retriever.retrieve_many.remote(queries)
+        return await self._call("retrieve", self.retriever.retrieve_many, queries)
 
     async def rerank(self, query: str, hits: list[Hit], top_k: int | None) -> list[RerankedHit]:
-        return await self.reranker.rerank.remote(query, hits, top_k)
+        return await self._call("rerank", self.reranker.rerank, query, hits, top_k)
 
     async def rerank_many(self, queries, hits, top_k):
-        return await self.reranker.rerank_many.remote(queries, hits, top_k)
+        return await self._call("rerank", self.reranker.rerank_many, queries, hits, top_k)
 
     async def generate(self, query: str, reranked: list[RerankedHit]):
-        return await self.generator.generate.remote(query, reranked)
+        return await self._call("generate", self.generator.generate, query, reranked)
 
     async def generate_many(self, queries, reranked):
-        return await self.generator.generate_many.remote(queries, reranked)
+        return await self._call("generate", self.generator.generate_many, queries, reranked)
 
     async def health(self) -> dict[str, dict]:
         names = ("retriever", "reranker", "generator")
@@ -364,26 +410,44 @@ class Ingress:
     CORS origins."""
 
     def __init__(self, retriever, reranker, generator, run_dir: str, cfg: dict, api_key: str | None = None):
-        from serve.api import ApiSettings
-        from serve.schemas import MAX_N_DOCS
-
         self.cfg = Re2GConfig.model_validate(cfg)
-        s, r = self.cfg.serve, self.cfg.retrieval
         pieces = preflight(run_dir, self.cfg)
         self.backend = HandleBackend(retriever, reranker, generator, load_query_tokenizer(pieces))
-        retrieve_k = (r.dpr_top_k if pieces.dense_dir else 0) + (r.bm25_top_k if pieces.bm25_dir else 0)
-        self.settings = ApiSettings(
-            app_name=s.app_name, api_key=api_key or None, api_key_header=s.api_key_header,
-            cors_origins=tuple(s.cors_origins), max_body_bytes=s.max_body_bytes,
-            max_query_tokens=s.max_query_tokens or self.cfg.models.query_max_length,
-            request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
-            max_batch_queries=s.max_batch_queries, retrieve_k=max(1, retrieve_k),
-            default_n_docs=r.rerank_top_k, max_n_docs=MAX_N_DOCS, batching=s.batching)
+        self.settings = api_settings(self.cfg, pieces, api_key)
+
+    def retries(self) -> int:
+        """Stage calls this replica sent again after losing a replica."""
+        return self.backend.retries
 
     def __serve_build_asgi_app__(self):
         from serve.api import create_api
 
         return create_api(self.backend, self.settings)
+
+
+def api_settings(cfg: Re2GConfig, pieces: RunPieces, api_key: str | None = None):
+    """The :class:`serve.api.ApiSettings` of the ingress for a run (what :func:`build_app` checks and
+    every ingress replica enforces). Raises :class:`re2g.errors.ConfigError` when ``serve.max_body_bytes``
+    cannot hold a request with one query or passage (the schema's limits are fitted to it)."""
+    from re2g.errors import ConfigError
+    from serve.api import ApiSettings
+    from serve.schemas import MAX_N_DOCS, RequestLimits
+
+    s, r = cfg.serve, cfg.retrieval
+    retrieve_k = (r.dpr_top_k if pieces.dense_dir else 0) + (r.bm25_top_k if pieces.bm25_dir else 0)
+    settings = ApiSettings(
+        app_name=s.app_name, api_key=api_key or None, api_key_header=s.api_key_header,
+        cors_origins=tuple(s.cors_origins), max_body_bytes=s.max_body_bytes,
+        max_query_tokens=s.max_query_tokens or cfg.models.query_max_length,
+        request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
+        max_batch_queries=s.max_batch_queries, retrieve_k=max(1, retrieve_k),
+        default_n_docs=r.rerank_top_k, max_n_docs=MAX_N_DOCS, batching=s.batching)
+    try:
+        RequestLimits.fit(retrieve_k=settings.retrieve_k, max_n_docs=settings.max_n_docs,
+                          max_batch_queries=settings.max_batch_queries, max_body_bytes=settings.max_body_bytes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return settings
 
 
 # --------------------------------------------------------------------------- building the application
@@ -457,7 +521,7 @@ def build_app(args: dict | None = None):
     a = AppArgs.model_validate(raw)
     run_dir = str(Path(a.run_dir).expanduser().resolve())
     cfg = resolve_config(run_dir, a.config, a.overrides)
-    preflight(run_dir, cfg)
+    api_settings(cfg, preflight(run_dir, cfg))
     return bind_app(run_dir, cfg, api_key=resolve_api_key(cfg.serve))
 
 

@@ -56,6 +56,9 @@ def build_serve_config(run_dir: str = "runs/quickstart") -> str:
                if k in app}
     built["applications"] = [ordered]
     built["http_options"]["host"] = "0.0.0.0"
+    from serve.proxy import controller_options
+
+    built["controller_options"] = controller_options()   # the proxy middleware (serve/proxy.py)
     ServeDeploySchema.model_validate(built)
     return HEADER.format(ray=ray.__version__) + "\n" + yaml.safe_dump(built, sort_keys=False, width=100)
 
@@ -122,7 +125,9 @@ def serve_command(
 
     console.print(f"[bold]re2g serve[/] {run}: {pieces.passage_count} passages, "
                   f"{'dense + ' if pieces.dense_dir else ''}{'bm25' if pieces.bm25_dir else ''}".rstrip(" +"))
-    serve.start(http_options={"host": s.host, "port": s.port})
+    from serve.proxy import start_serve
+
+    start_serve({"host": s.host, "port": s.port}, s)     # + the proxy's resend and JSON errors
     api_key = resolve_api_key(s)
     try:
         serve.run(bind_app(run, cfg, api_key=api_key), name=s.app_name, route_prefix=s.route_prefix)

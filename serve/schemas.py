@@ -1,33 +1,73 @@
 """Typed bodies of the HTTP API (pydantic): what ``/v1/*`` accepts and returns.
 
 Requests are strict: unknown fields, wrong JSON types (``"5"`` for an integer, ``1`` for a boolean)
-and out-of-range numbers are refused with 422 and the name of the field. Limits that depend on the
-run (the query's token count, ``top_k`` against the retrieval depth) are checked by the app, with the
-same error body (:class:`ErrorResponse`).
+and out-of-range numbers are refused with 422 and the name of the field. An integer field takes any
+JSON number with an integral value (``74`` and ``74.0`` alike: both are integers to JSON Schema).
+
+**The published schema is what the server enforces.** The request models are built per deployment by
+:func:`request_models` from :class:`RequestLimits` (the run's retrieval depth, ``serve.max_batch_queries``,
+``serve.max_body_bytes``), so ``/openapi.json`` states every limit a request is checked against:
+``top_k`` up to the run's retrieval depth, ``queries`` / ``passages`` at most as many items as fit the
+body limit in the worst case (:meth:`RequestLimits.worst_case_bytes`: every string at its ``maxLength``
+in ``\\uXXXX`` escapes, 12 bytes a character), so a schema-valid request in compact JSON never gets 413.
+What a JSON Schema cannot say is not refused: ``n_docs`` above ``top_k`` reads ``top_k`` passages, and a
+query longer than ``serve.max_query_tokens`` query-encoder tokens is cut to them (the answer's ``query``
+is the query as answered, ``query_truncated`` says so).
 
 Scores: ``score`` / ``retrieval_score`` is the retriever's (DPR inner product or BM25), ``rerank_score``
 the cross-encoder's logit z_r, ``weight`` the passage's p(z|x) = softmax(z_r) in the generator's
 marginalization, ``logprob`` a candidate answer's log p(y|x). Timings are seconds.
 """
 
-from __future__ import annotations
+import json
+import re
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Annotated, Any, Literal
 
-from typing import Annotated, Literal
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat,
+                      StrictStr)
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-
-MAX_QUERY_CHARS = 2000      # a hard cap before any tokenization (the token limit is configured)
+MAX_QUERY_CHARS = 1000      # a hard cap before any tokenization (queries are cut to the configured token limit)
 MAX_TOP_K = 100             # retrieval candidates / reranked passages one request may ask for
 MAX_N_DOCS = 20             # passages the generator reads
 MAX_TIMEOUT_S = 600.0       # a request may shorten the server's deadline, never extend it
-MAX_RERANK_PASSAGES = 100   # passages one /v1/rerank request may send
+MAX_RERANK_PASSAGES = 100   # passages one /v1/rerank request may send (fewer when the body limit is smaller)
+MAX_PASSAGE_CHARS = 2000    # a /v1/rerank passage's text (the reranker reads its first reranker_max_length tokens)
+MAX_TITLE_CHARS = 200
+MAX_PID_CHARS = 100
 MAX_BATCH_QUERIES = 1024    # static bound; the configured serve.max_batch_queries is usually lower
+
+# Python's str.isspace() characters, as one regex class that means the same to Python and to JSON
+# Schema (ECMA-262) validators: ``\s`` does not (Python's includes U+001C..U+001F, ECMA's U+FEFF).
+_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+NOT_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(c):04x}" for c in _WHITESPACE) + "]"
+_NOT_BLANK = re.compile(NOT_BLANK_PATTERN)
 
 
 def _not_blank(v: str) -> str:
-    if not v.strip():
+    if not _NOT_BLANK.search(v):
         raise ValueError("must not be empty or only whitespace")
     return v
+
+
+def _integral(v: Any) -> Any:
+    """74.0 -> 74 (an integer to JSON Schema); anything else unchanged, for the strict int check."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _int(ge: int, le: int) -> Any:
+    """A JSON integer in [ge, le]: an int, or a float with an integral value; not a bool or a string."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+def _text(min_length: int, max_length: int, **kw) -> Any:
+    """A string of [min_length, max_length] characters with at least one that is not whitespace."""
+    return Annotated[StrictStr, Field(min_length=min_length, max_length=max_length,
+                                      json_schema_extra={"pattern": NOT_BLANK_PATTERN}, **kw),
+                     AfterValidator(_not_blank)]
 
 
 class _Request(BaseModel):
@@ -36,62 +76,166 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-QueryStr = Annotated[StrictStr, Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question or claim",
-                                      examples=["Broushan Stovelain [SEP] place of birth"]),
-                     AfterValidator(_not_blank)]
-TimeoutS = Annotated[StrictFloat | StrictInt | None, Field(
-    None, gt=0, le=MAX_TIMEOUT_S, description="deadline in seconds for this request (at most the server's "
-    "serve.request_timeout_s); past it the answer is 504")]
+# --------------------------------------------------------------------------- limits
 
 
-class AnswerRequest(_Request):
-    """``POST /v1/answer``: retrieve, rerank and generate for one query."""
-
-    query: QueryStr
-    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K, description="retrieved candidates given to the reranker "
-                        "(default and maximum: the run's retrieval.dpr_top_k + retrieval.bm25_top_k)")
-    n_docs: StrictInt | None = Field(None, ge=1, le=MAX_N_DOCS, description="reranked passages the generator "
-                                     "reads (default: the run's retrieval.rerank_top_k; at most top_k)")
-    return_passages: StrictBool = Field(True, description="include the passages' text in the provenance")
-    timeout_s: TimeoutS = None
+ESCAPED_CHAR_BYTES = 12     # the most bytes one character takes in JSON: a surrogate pair in \\u escapes
 
 
-class BatchAnswerRequest(_Request):
-    """``POST /v1/answer:batch``: like /v1/answer for many queries, computed as one batch."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """The limits a deployment checks requests against; :func:`request_models` publishes them.
 
-    queries: list[QueryStr] = Field(min_length=1, max_length=MAX_BATCH_QUERIES,
-                                    description="the queries (at most serve.max_batch_queries)")
-    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K, description="as in /v1/answer, for every query")
-    n_docs: StrictInt | None = Field(None, ge=1, le=MAX_N_DOCS, description="as in /v1/answer, for every query")
-    return_passages: StrictBool = True
-    timeout_s: TimeoutS = None
+    ``retrieve_k``: candidates the retrievers return (top_k's maximum); ``max_batch_queries`` and
+    ``max_rerank_passages`` are lowered by :meth:`fit` so the largest schema-valid body stays within
+    ``max_body_bytes``."""
+
+    retrieve_k: int = MAX_TOP_K
+    max_n_docs: int = MAX_N_DOCS
+    max_batch_queries: int = 32
+    max_rerank_passages: int = MAX_RERANK_PASSAGES
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_body_bytes: int = 2 * 1024 * 1024
+
+    @property
+    def max_top_k(self) -> int:
+        return max(1, min(self.retrieve_k, MAX_TOP_K))
+
+    @classmethod
+    def fit(cls, *, retrieve_k: int, max_n_docs: int = MAX_N_DOCS, max_batch_queries: int = 32,
+            max_body_bytes: int = 2 * 1024 * 1024) -> "RequestLimits":
+        """Limits with as many batch queries and rerank passages as fit ``max_body_bytes`` (at most the
+        configured / static bounds). Raises ValueError when not even one query or passage fits."""
+        base = cls(retrieve_k=retrieve_k, max_n_docs=max_n_docs, max_batch_queries=1, max_rerank_passages=1,
+                   max_body_bytes=max_body_bytes)
+        sizes = base.worst_case_bytes()
+        worst = max(sizes.values())
+        if worst > max_body_bytes:
+            raise ValueError(f"serve.max_body_bytes ({max_body_bytes}) is smaller than the largest request with one "
+                             f"query or passage ({worst} bytes in the worst case): raise it")
+        per_query = _item_bytes(_str(base.max_query_chars))
+        per_passage = _item_bytes(_worst_passage())
+        n_queries = 1 + (max_body_bytes - sizes["/v1/answer:batch"]) // per_query
+        n_passages = 1 + (max_body_bytes - sizes["/v1/rerank"]) // per_passage
+        return cls(retrieve_k=retrieve_k, max_n_docs=max_n_docs,
+                   max_batch_queries=max(1, min(max_batch_queries, MAX_BATCH_QUERIES, n_queries)),
+                   max_rerank_passages=max(1, min(MAX_RERANK_PASSAGES, n_passages)), max_body_bytes=max_body_bytes)
+
+    def worst_case_bytes(self) -> dict[str, int]:
+        """The largest body of each route that the published schema allows, in compact JSON (Python's
+        ``json.dumps`` defaults: ``\\u`` escapes, ``", "`` / ``": "`` separators): every string at its
+        maxLength of characters that take 12 bytes, every number at its longest."""
+        q = _str(self.max_query_chars)
+        num = 1.2345678901234567e-300          # the longest repr of a valid timeout_s (23 characters)
+        k = float(self.max_top_k)              # integral floats are integers: 100.0 is longer than 100
+        common = {"top_k": k, "n_docs": float(self.max_n_docs), "return_passages": False, "timeout_s": num}
+        answer = {"query": q, **common}
+        batch = {"queries": [q], **common}
+        retrieve = {"query": q, "top_k": k, "timeout_s": num}
+        rerank = {"query": q, "passages": [_worst_passage()], "top_k": float(MAX_TOP_K), "timeout_s": num}
+        out = {"/v1/answer": _bytes(answer), "/v1/retrieve": _bytes(retrieve),
+               "/v1/answer:batch": _bytes(batch) + (self.max_batch_queries - 1) * _item_bytes(q),
+               "/v1/rerank": _bytes(rerank) + (self.max_rerank_passages - 1) * _item_bytes(_worst_passage())}
+        return out
 
 
-class RetrieveRequest(_Request):
-    """``POST /v1/retrieve``: DPR + BM25 candidates, fused and deduplicated."""
-
-    query: QueryStr
-    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K, description="hits to return (default and maximum: "
-                        "retrieval.dpr_top_k + retrieval.bm25_top_k)")
-    timeout_s: TimeoutS = None
+def _str(n: int) -> str:
+    return "\U0010ffff" * n
 
 
-class PassageIn(_Request):
-    """A passage sent to /v1/rerank."""
-
-    pid: StrictStr | None = Field(None, max_length=512, description="your id for it (default: its position)")
-    title: StrictStr = Field("", max_length=1000)
-    text: Annotated[StrictStr, Field(min_length=1, max_length=20000), AfterValidator(_not_blank)]
+def _worst_passage() -> dict:
+    return {"pid": _str(MAX_PID_CHARS), "title": _str(MAX_TITLE_CHARS), "text": _str(MAX_PASSAGE_CHARS)}
 
 
-class RerankRequest(_Request):
-    """``POST /v1/rerank``: score given passages against a query with the cross-encoder."""
+def _bytes(obj: Any) -> int:
+    return len(json.dumps(obj).encode())
 
-    query: QueryStr
-    passages: list[PassageIn] = Field(min_length=1, max_length=MAX_RERANK_PASSAGES)
-    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K,
-                                    description="passages to return, best first (default: all)")
-    timeout_s: TimeoutS = None
+
+def _item_bytes(item: Any) -> int:
+    """Bytes one more array item adds (the item and its ", ")."""
+    return _bytes(item) + 2
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def request_models(lim: RequestLimits = RequestLimits()) -> SimpleNamespace:
+    """The request models of a deployment with limits ``lim``: ``AnswerRequest``, ``BatchAnswerRequest``,
+    ``RetrieveRequest``, ``RerankRequest``, ``PassageIn``."""
+    QueryStr = Annotated[_text(1, lim.max_query_chars), Field(
+        description="the question or claim; cut to the first serve.max_query_tokens query-encoder tokens "
+        "(the response's query says what was answered)",
+        examples=["Broushan Stovelain [SEP] place of birth"])]
+    TimeoutS = Annotated[Annotated[StrictFloat, Field(gt=0, le=MAX_TIMEOUT_S)] | None, Field(
+        description="deadline in seconds for this request (at most the server's serve.request_timeout_s); "
+        "past it the answer is 504")]
+    top_k_max = lim.max_top_k
+    TopK = Annotated[_int(1, top_k_max) | None, Field(
+        description=f"retrieved candidates given to the reranker (default and maximum: the run's "
+        f"retrieval.dpr_top_k + retrieval.bm25_top_k = {top_k_max})")]
+    n_docs_max = max(1, min(lim.max_n_docs, top_k_max))
+    NDocs = Annotated[_int(1, n_docs_max) | None, Field(
+        description="reranked passages the generator reads (default: the run's retrieval.rerank_top_k; "
+        "above top_k: top_k)")]
+
+    class AnswerRequest(_Request):
+        """``POST /v1/answer``: retrieve, rerank and generate for one query."""
+
+        query: QueryStr
+        top_k: TopK = None
+        n_docs: NDocs = None
+        return_passages: StrictBool = Field(True, description="include the passages' text in the provenance")
+        timeout_s: TimeoutS = None
+
+    class BatchAnswerRequest(_Request):
+        """``POST /v1/answer:batch``: like /v1/answer for many queries, computed as one batch."""
+
+        queries: list[QueryStr] = Field(min_length=1, max_length=lim.max_batch_queries,
+                                         description="the queries (at most serve.max_batch_queries, and as many "
+                                         "as fit serve.max_body_bytes)")
+        top_k: TopK = None
+        n_docs: NDocs = None
+        return_passages: StrictBool = True
+        timeout_s: TimeoutS = None
+
+    class RetrieveRequest(_Request):
+        """``POST /v1/retrieve``: DPR + BM25 candidates, fused and deduplicated."""
+
+        query: QueryStr
+        top_k: Annotated[_int(1, top_k_max) | None, Field(
+            description=f"hits to return (default and maximum: retrieval.dpr_top_k + retrieval.bm25_top_k "
+            f"= {top_k_max})")] = None
+        timeout_s: TimeoutS = None
+
+    class PassageIn(_Request):
+        """A passage sent to /v1/rerank."""
+
+        pid: Annotated[StrictStr, Field(max_length=MAX_PID_CHARS)] | None = Field(
+            None, description="your id for it (default: its position)")
+        title: StrictStr = Field("", max_length=MAX_TITLE_CHARS)
+        text: _text(1, MAX_PASSAGE_CHARS)
+
+    class RerankRequest(_Request):
+        """``POST /v1/rerank``: score given passages against a query with the cross-encoder."""
+
+        query: QueryStr
+        passages: list[PassageIn] = Field(min_length=1, max_length=lim.max_rerank_passages,
+                                          description=f"at most {MAX_RERANK_PASSAGES}, and as many as fit "
+                                          "serve.max_body_bytes")
+        top_k: Annotated[_int(1, MAX_TOP_K) | None, Field(description="passages to return, best first "
+                                                          "(default: all)")] = None
+        timeout_s: TimeoutS = None
+
+    return SimpleNamespace(AnswerRequest=AnswerRequest, BatchAnswerRequest=BatchAnswerRequest,
+                           RetrieveRequest=RetrieveRequest, RerankRequest=RerankRequest, PassageIn=PassageIn)
+
+
+_DEFAULT = request_models()
+AnswerRequest = _DEFAULT.AnswerRequest
+BatchAnswerRequest = _DEFAULT.BatchAnswerRequest
+RetrieveRequest = _DEFAULT.RetrieveRequest
+RerankRequest = _DEFAULT.RerankRequest
+PassageIn = _DEFAULT.PassageIn
 
 
 # --------------------------------------------------------------------------- responses
@@ -155,7 +299,9 @@ class CandidateOut(BaseModel):
 class AnswerResponse(BaseModel):
     """An answer with its candidates, provenance and per-stage timings."""
 
-    query: str
+    query: str = Field(description="the query as answered")
+    query_truncated: bool = Field(False, description="the query was cut to serve.max_query_tokens tokens "
+                                  "(query is the part that was answered)")
     answer: str
     candidates: list[CandidateOut]
     provenance: list[ProvenanceOut]
@@ -170,13 +316,17 @@ class BatchAnswerResponse(BaseModel):
 
 
 class RetrieveResponse(BaseModel):
-    query: str
+    query: str = Field(description="the query as searched")
+    query_truncated: bool = Field(False, description="the query was cut to serve.max_query_tokens tokens "
+                                  "(query is the part that was answered)")
     hits: list[HitOut]
     timings: Timings
 
 
 class RerankResponse(BaseModel):
-    query: str
+    query: str = Field(description="the query as scored")
+    query_truncated: bool = Field(False, description="the query was cut to serve.max_query_tokens tokens "
+                                  "(query is the part that was answered)")
     passages: list[RerankedOut]
     timings: Timings
 

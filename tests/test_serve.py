@@ -29,14 +29,16 @@ RUN_OVERRIDES = ["index.exact=true", "index.num_shards=2", "generation.num_beams
                  "retrieval.rerank_top_k=3"]
 API_KEY = "s3cret-test-key"
 ORIGIN = "http://allowed.example"
-MAX_BODY = 4096
+MAX_BODY = 2 * 1024 * 1024                               # serve.max_body_bytes's default
 APP_OVERRIDES = [
-    f"serve.api_key={API_KEY}", f"serve.cors_origins=[{ORIGIN}]", f"serve.max_body_bytes={MAX_BODY}",
+    f"serve.api_key={API_KEY}", f"serve.cors_origins=[{ORIGIN}]",
     "serve.max_batch_queries=8", "serve.request_timeout_s=60", "serve.retry_after_s=2",
     # small CPU reservations: the whole app takes 0.35 of the 2 CPUs
     "serve.ingress.num_cpus=0.05", "serve.retriever.num_cpus=0.1", "serve.reranker.num_cpus=0.1",
     "serve.generator.num_cpus=0.1",
-    # a tight front door, so a burst of requests overflows it (test_saturation)
+    # a tight front door, so a burst of requests overflows it (test_saturation): one ingress replica
+    # (its default is 2; tests/test_serve_resilience.py runs two)
+    "serve.ingress.min_replicas=1", "serve.ingress.max_replicas=1",
     "serve.ingress.max_ongoing_requests=8", "serve.ingress.max_queued_requests=4",
     "serve.retriever.batch_wait_timeout_s=0.05", "serve.reranker.batch_wait_timeout_s=0.05",
     "serve.generator.batch_wait_timeout_s=0.05",
@@ -81,18 +83,19 @@ def shared_run_dir(tmp_path_factory, tiny_passages, tiny_models) -> Path:
 
 
 class ServeStarter:
-    """``serve.start`` on a free loopback port, in a background thread (it takes a while, and so does
-    building the run directory; they overlap), then ``serve.run`` of the app."""
+    """``serve.start`` on a free loopback port (with re2g's proxy middleware, ``serve.proxy``), in a
+    background thread (it takes a while, and so does building the run directory; they overlap), then
+    ``serve.run`` of the app."""
 
     def __init__(self):
-        from ray import serve
+        from serve.proxy import start_serve
 
         self.port = free_port()
         self.error: BaseException | None = None
 
         def start():
             try:
-                serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+                start_serve({"host": "127.0.0.1", "port": self.port})
             except BaseException as e:  # re-raised in run()
                 self.error = e
 
@@ -270,7 +273,7 @@ BAD_REQUESTS = [
     ("/v1/answer", {"query": ""}, None, 422, "query"),
     ("/v1/answer", {"query": "   \n\t"}, None, 422, "query"),
     ("/v1/answer", {"query": LONG_QUERY}, None, 422, "query"),
-    ("/v1/answer", {"query": "x" * 2001}, None, 422, "query"),
+    ("/v1/answer", {"query": "x" * 1001}, None, 422, "query"),
     ("/v1/answer", {"query": 5}, None, 422, "query"),
     ("/v1/answer", {"query": ["a"]}, None, 422, "query"),
     ("/v1/answer", {}, None, 422, "query"),
@@ -280,7 +283,8 @@ BAD_REQUESTS = [
     ("/v1/answer", {"query": "x", "top_k": 101}, None, 422, "top_k"),
     ("/v1/answer", {"query": "x", "top_k": 25}, None, 422, "top_k"),          # > dpr_top_k + bm25_top_k
     ("/v1/answer", {"query": "x", "n_docs": 0}, None, 422, "n_docs"),
-    ("/v1/answer", {"query": "x", "top_k": 2, "n_docs": 3}, None, 422, "n_docs"),
+    ("/v1/answer", {"query": "x", "top_k": 74.0}, None, 422, "top_k"),        # an integer, but > 24
+    ("/v1/answer", {"query": "x", "n_docs": 21}, None, 422, "n_docs"),
     ("/v1/answer", {"query": "x", "return_passages": "yes"}, None, 422, "return_passages"),
     ("/v1/answer", {"query": "x", "return_passages": 1}, None, 422, "return_passages"),
     ("/v1/answer", {"query": "x", "timeout_s": 0}, None, 422, "timeout_s"),
@@ -326,13 +330,47 @@ def test_bad_request_gets_4xx_naming_the_field(client, route, body, ctype, statu
 
 def test_bad_request_reasons_are_readable(client):
     err = client.post("/v1/answer", json={"query": LONG_QUERY}).json()
-    assert "tokens" in err["errors"][0]["reason"] and "64" in err["errors"][0]["reason"]
+    reason = err["errors"][0]["reason"]
+    assert "1499 characters" in reason and "limit is 1000" in reason and "64 tokens" in reason, reason
     err = client.post("/v1/answer", json={"query": "x", "topk": 3}).json()
     assert err["errors"][0]["reason"] == "unknown field"
     err = client.post("/v1/answer", json={}).json()
     assert err["errors"][0]["reason"] == "required"
     err = client.post("/v1/answer", json={"query": "  "}).json()
     assert "empty" in err["errors"][0]["reason"]
+
+
+def test_what_the_schema_allows_is_accepted(client, dev_queries):
+    """Integral floats are integers (JSON Schema), n_docs above top_k reads top_k passages, a query over
+    the token limit is cut to it (and says so), timeout_s is > 0, and the limits are in /openapi.json."""
+    r = client.post("/v1/answer", json={"query": dev_queries[0], "top_k": 6.0, "n_docs": 2.0, "timeout_s": 30})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["provenance"]) == 2 and r.json()["query_truncated"] is False
+    r = client.post("/v1/answer", json={"query": dev_queries[0], "top_k": 2, "n_docs": 3})
+    assert r.status_code == 200 and len(r.json()["provenance"]) == 2, r.text
+    r = client.post("/v1/answer:batch", json={"queries": dev_queries[:2], "top_k": 4.0})
+    assert r.status_code == 200, r.text
+
+    words = " ".join(f"w{i}" for i in range(150))       # 150 words: more than 64 tokens, fewer than 1000 chars
+    r = client.post("/v1/retrieve", json={"query": words, "top_k": 3})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["query_truncated"] is True and words.startswith(got["query"]) and len(got["query"]) < len(words)
+    assert got["query"].split()[-1] == words.split()[len(got["query"].split()) - 1]   # cut between words
+    a = client.post("/v1/answer", json={"query": words, "n_docs": 1}).json()
+    assert a["query"] == got["query"] and a["query_truncated"] is True
+
+    spec = client.get("/openapi.json").json()["components"]["schemas"]
+    req = spec["AnswerRequest"]["properties"]
+    assert req["top_k"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 24}
+    assert req["timeout_s"]["anyOf"][0]["exclusiveMinimum"] == 0 and req["query"]["maxLength"] == 1000
+    assert spec["BatchAnswerRequest"]["properties"]["queries"]["maxItems"] == 8    # serve.max_batch_queries
+    passages = spec["RerankRequest"]["properties"]["passages"]["maxItems"]
+    assert 1 <= passages <= 100
+    from serve.schemas import RequestLimits
+
+    worst = RequestLimits(retrieve_k=24, max_batch_queries=8, max_rerank_passages=passages).worst_case_bytes()
+    assert max(worst.values()) <= MAX_BODY, worst      # no schema-valid request (compact JSON) gets 413
 
 
 def test_unknown_route_and_method_are_json(client):
@@ -348,8 +386,8 @@ def test_oversize_body_is_refused(client, base_url):
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large", r.text
 
     def chunks():                                        # no Content-Length: counted while reading
-        for _ in range(10):
-            yield b"x" * 1000
+        for _ in range(MAX_BODY // 65536 + 1):
+            yield b"x" * 65536
 
     r = client.post("/v1/answer", content=chunks(), headers={**HEADERS, "Content-Type": "application/json"})
     assert r.status_code == 413, r.text
@@ -386,7 +424,8 @@ def test_deadline_gives_504(client, dev_queries):
 
 def test_saturation_gives_503_with_retry_after(base_url, dev_queries):
     """A burst larger than the ingress's max_ongoing_requests (8) + max_queued_requests (4): the rest is
-    refused at once with 503 and Retry-After; what was admitted is answered."""
+    refused at once by Serve's proxy with 503, Retry-After and the API's JSON error body; what was
+    admitted is answered."""
     async def burst():
         async with httpx.AsyncClient(base_url=base_url, headers=HEADERS, timeout=120) as ac:
             return await asyncio.gather(*(ac.post("/v1/answer", json={"query": dev_queries[i % 4]})
@@ -398,6 +437,9 @@ def test_saturation_gives_503_with_retry_after(base_url, dev_queries):
     assert codes.count(503) >= 10 and codes.count(200) >= 8, codes
     refused = [r for r in rs if r.status_code == 503]
     assert all(r.headers.get("retry-after") == "2" for r in refused)
+    # refused by Serve's proxy (the ingress's queue), answered with the API's JSON error body
+    assert all(r.headers["content-type"].startswith("application/json") and r.json()["error"] == "overloaded"
+               for r in refused), refused[0].text
 
 
 def test_prometheus_metrics(ray_local, client, dev_queries):
