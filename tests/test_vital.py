@@ -314,8 +314,9 @@ def test_real_tiny_sample(real_tiny):
 
 
 def test_bm25_finds_many_but_not_all(real_tiny, tmp_path):
-    """BM25 over the tiny sample's passages: the right passage often, far from always (R@1 on the
-    whole file's dev queries: 0.59, R@5 0.81; see re2g.data.vital)."""
+    """BM25 over the tiny sample's 605 passages does not solve the task: measured R@1 0.861, R@5 0.942
+    on its 137 dev+test queries (deterministic: pinned file, seed 13). With all 10,033 pages as
+    distractors it is much lower (dev R@1 0.593, R@5 0.806; see re2g.data.vital)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
