@@ -341,7 +341,11 @@ class ServeConfig(_Strict):
         "a custom node resource that marks the index nodes")
     shard_actor_max_restarts: int = Field(3, ge=-1, description="restarts of a shard actor that died (-1: always); "
                                           "searches sent meanwhile are retried")
-    health_check_period_s: float = Field(10.0, gt=0, description="Serve calls check_health this often")
+    health_check_period_s: float = Field(2.0, gt=0, description="Serve calls check_health this often; a replica "
+                                         "that died is noticed (and replaced) within it, and the requests "
+                                         "meant for it wait that long (Serve's default: 10)")
+    health_probe_period_s: float = Field(10.0, gt=0, description="in check_health, a replica idle this long runs "
+                                         "a probe (a tiny input through its model)")
     health_check_timeout_s: float = Field(30.0, gt=0, description="a health check slower than this fails")
     ingress: IngressServeConfig = Field(default_factory=IngressServeConfig)
     retriever: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig)

@@ -96,7 +96,7 @@ class _Stage:
         self._batches = 0
         self._items = 0
         self._compute_s = 0.0
-        self._period = s.health_check_period_s
+        self._period = s.health_probe_period_s
         self._probe_timeout = max(1.0, 0.8 * s.health_check_timeout_s)
         self.metrics = ComponentMetrics(self.stage)
         self.device = pick_device(self.cfg.device)
@@ -415,9 +415,9 @@ class Ingress:
         self.backend = HandleBackend(retriever, reranker, generator, load_query_tokenizer(pieces))
         self.settings = api_settings(self.cfg, pieces, api_key)
 
-    def retries(self) -> int:
-        """Stage calls this replica sent again after losing a replica."""
-        return self.backend.retries
+    def retries(self) -> dict:
+        """``{"pid": this replica's process, "retries": stage calls it sent again after losing a replica}``."""
+        return {"pid": os.getpid(), "retries": self.backend.retries}
 
     def __serve_build_asgi_app__(self):
         from serve.api import create_api

@@ -523,7 +523,7 @@ def test_check_health_raises_when_a_component_breaks(run_dir):
     from serve.app import Reranker
     from serve.components import resolve_config
 
-    cfg = resolve_config(run_dir, overrides=["serve.health_check_period_s=0.01"]).model_dump(mode="json")
+    cfg = resolve_config(run_dir, overrides=["serve.health_probe_period_s=0.01"]).model_dump(mode="json")
     rr = Reranker.func_or_class(str(run_dir), cfg)
     asyncio.run(rr.check_health())
     assert asyncio.run(rr.health())["ok"]
