@@ -201,7 +201,7 @@ def _score_retrievers(ctx: Context, model_dir: str, dense_dir: str, label: str) 
         if not Path(ctx.task_file(split)).exists():
             continue
         examples = read_kilt(ctx.task_file(split))[:limit]
-        reports, skipped = evaluate_retrievers(retrievers, examples, locator)
+        reports, skipped = evaluate_retrievers(retrievers, examples, locator, answer_ks=(5, 24))  # a table that fits
         ctx.console.print(reports_table(reports, title=f"{split} retrieval, {label} ({ctx.cfg.train.task})"))
         out[split] = {r.name: r.metrics for r in reports}
     return out
