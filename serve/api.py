@@ -16,8 +16,13 @@ Routes::
 Every error is JSON (:class:`serve.schemas.ErrorResponse`): 400 a body that is not JSON, 401 a missing or
 wrong API key, 413 a body over ``max_body_bytes``, 415 a non-JSON content type, 422 a field that is
 wrong (named, with the reason), 503 (+ ``Retry-After``) when the queues are full or a deployment is
-down, 504 past the deadline. ``curl -d`` sends ``application/x-www-form-urlencoded``; the API reads
-such bodies (and bodies without a content type) as JSON.
+down, 504 past the deadline (Serve's proxy's own errors too, through :mod:`serve.proxy`). ``curl -d``
+sends ``application/x-www-form-urlencoded``; the API reads such bodies (and bodies without a content
+type) as JSON.
+
+The request models come from :func:`serve.schemas.request_models` with this deployment's limits, so
+``/openapi.json`` states what is checked (see :mod:`serve.schemas`); a query over ``max_query_tokens``
+tokens is cut to them (:func:`fit_query`) rather than refused.
 """
 
 import asyncio
