@@ -434,7 +434,9 @@ def test_saturation_gives_503_with_retry_after(base_url, dev_queries):
     rs = asyncio.run(burst())
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 10 and codes.count(200) >= 8, codes
+    # how many are admitted depends on how fast Serve's router places them: 8 ongoing + 4 queued when
+    # its replica-queue cache is fresh, only the 4 queued while it probes (seen in ~1 run of 3)
+    assert codes.count(503) >= 10 and codes.count(200) >= 4, codes
     refused = [r for r in rs if r.status_code == 503]
     assert all(r.headers.get("retry-after") == "2" for r in refused)
     # refused by Serve's proxy (the ingress's queue), answered with the API's JSON error body
