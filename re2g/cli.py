@@ -26,6 +26,8 @@ console = Console(stderr=True)
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see `re2g config show`)")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="tiny (CPU, built from config) or paper (Re2G checkpoints)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set index.num_shards=4 (repeatable)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="print Ray's own output (workers, Train, Data, Serve) "
+                                          "here instead of RUN_DIR/logs/ray.log")]
 
 
 def _load(config: Path | None, preset: str | None, overrides: list[str] | None):
@@ -34,8 +36,19 @@ def _load(config: Path | None, preset: str | None, overrides: list[str] | None):
     return load_config(config, preset=preset, overrides=overrides or [])
 
 
+def _log_dir_of(out: str, child: bool = False):
+    """Ray's log directory for a command that writes ``out``: the run directory's ``logs/`` (``out``'s
+    parent, e.g. RUN_DIR for RUN_DIR/embeddings; ``out`` itself with ``child``)."""
+    from re2g.runtime import log_dir_for
+
+    s = str(out).rstrip("/")
+    return log_dir_for(s if child else (s.rsplit("/", 1)[0] if "/" in s else "."))
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    from re2g.runtime import log_hint
+
+    console.print(f"[bold red]error:[/] {err}{log_hint()}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -153,6 +166,7 @@ def passages(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     r"""Split a KILT knowledge source into ~100-word passages (ids `wikiid::\[start,end]`) with Ray Data."""
     from re2g.data.passages import split_knowledge_source
@@ -165,7 +179,7 @@ def passages(
         overrides.append(f"passages.max_words={max_words}")
     try:
         cfg = _load(config, None, overrides)
-        connect_ray(cfg.ray)
+        connect_ray(cfg.ray, log_dir=_log_dir_of(out), verbose=verbose)
         stats = split_knowledge_source(source, out, cfg.passages,
                                        skip_bad_rows=skip_bad_rows or cfg.data.skip_bad_rows, overwrite=overwrite)
     except Re2GError as e:
@@ -213,6 +227,7 @@ def embed(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed passages with the bi-encoder's context encoder on Ray Data (one encoder actor per GPU
     where GPUs exist). Pooling, normalization and prefixes come from the checkpoint
@@ -228,7 +243,7 @@ def embed(
                                        max_length=cfg.models.passage_max_length,
                                        encoding=cfg.models.encoder_overrides())
         else:
-            connect_ray(cfg.ray)
+            connect_ray(cfg.ray, log_dir=_log_dir_of(out), verbose=verbose)
             stats = embed_corpus(passages, model, out, batch_size=bs, actors=actors or cfg.index.embed_actors,
                                  max_length=cfg.models.passage_max_length, overwrite=overwrite,
                                  encoding=cfg.models.encoder_overrides())
@@ -249,6 +264,7 @@ def index(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Build the dense HNSW shards (one Ray task per shard) and the BM25 index."""
     from re2g.index.retrievers import build_indexes
@@ -258,7 +274,7 @@ def index(
     try:
         cfg = _load(config, preset, set_)
         if dense:
-            connect_ray(cfg.ray)
+            connect_ray(cfg.ray, log_dir=_log_dir_of(out, child=True), verbose=verbose)
         summary = build_indexes(cfg, passages=passages, embeddings=embeddings,
                                 dense_dir=join(out, "dense") if dense else None,
                                 bm25_dir=join(out, "bm25") if bm25 else None, overwrite=overwrite)
@@ -365,6 +381,7 @@ def predict(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write KILT-format predictions for a task file from a run directory (score them with `re2g evaluate kilt`)."""
     from re2g.predict import predict_file
@@ -372,9 +389,9 @@ def predict(
     try:
         cfg = _run_cfg(run_dir, config, preset, set_)
         if ray_data:
-            from re2g.runtime import connect_ray
+            from re2g.runtime import connect_ray, log_dir_for
 
-            connect_ray(cfg.ray)
+            connect_ray(cfg.ray, log_dir=log_dir_for(run_dir), verbose=verbose)
         stats = predict_file(run_dir, task_file, out, cfg=cfg, use_ray=ray_data, actors=actors,
                              batch_size=batch_size, limit=limit)
     except Re2GError as e:
@@ -469,6 +486,7 @@ def quickstart(
         "all-MiniLM-L6-v2 as DPR and reranker on Wikipedia's vital articles; zero-shot retrieval, then stage 1 "
         "and the reranker; `re2g assets fetch` first)")] = None,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Everything in order on a local Ray: sample task, passages, BM25, DPR (stage 1), embedding + HNSW,
     generation (stage 2), reranker (stage 3), end-to-end with distillation (stage 4), KILT evaluation,
@@ -476,15 +494,20 @@ def quickstart(
     real MiniLM weights on real Wikipedia text, zero-shot retrieval first, the retrieval side only."""
     from re2g.eval.report import stages_table, write_report
     from re2g.quickstart import run_quickstart
-    from re2g.runtime import connect_ray
+    from re2g.runtime import connect_ray, log_dir_for
 
     try:
         tiny = config is None and preset in (None, "tiny")
         cfg = _load(config, preset or ("tiny" if config is None else None),
                     [*(QUICKSTART_TINY if tiny else []), f"run_dir={run_dir}", f"data.sample.size={size}",
                      *(set_ or [])])
-        connect_ray(cfg.ray)  # before any JVM starts in this process (see re2g.index.java)
-        summary = run_quickstart(cfg, console=console, fresh=fresh, dev_limit=dev_limit, test_limit=dev_limit)
+        if fresh and Path(cfg.run_dir).is_dir():  # start over before Ray's log opens in RUN_DIR/logs
+            import shutil
+
+            shutil.rmtree(cfg.run_dir)
+        # before any JVM starts in this process (see re2g.index.java); Ray's output to RUN_DIR/logs/ray.log
+        connect_ray(cfg.ray, log_dir=log_dir_for(cfg.run_dir), verbose=verbose)
+        summary = run_quickstart(cfg, console=console, dev_limit=dev_limit, test_limit=dev_limit)
     except Re2GError as e:
         _fail(e)
     files = write_report(summary, Path(run_dir) / "reports")
@@ -502,6 +525,7 @@ def quickstart(
 def demo(
     run_dir: Annotated[str, typer.Option("--run", help="run directory")] = "runs/quickstart",
     no_serve: Annotated[bool, typer.Option("--no-serve", help="stop after the report and the sample answers")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """What `make demo` runs: `re2g quickstart` on the tiny sample task, then serving.
 
@@ -509,7 +533,7 @@ def demo(
     The demo size (``re2g quickstart --size demo``) took 10.1 min here and its generator stayed at
     dev EM 0: 400 steps are ~1.3 epochs of its 5,000 questions, where the tiny size gets 12."""
     quickstart(run_dir=run_dir, size="tiny", fresh=False, serve_after=True, keep_serving=not no_serve,
-               dev_limit=200, config=None, set_=None)
+               dev_limit=200, config=None, set_=None, verbose=verbose)
 
 
 def main() -> None:  # pragma: no cover - console script entry

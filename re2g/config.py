@@ -230,6 +230,9 @@ class RayConfig(_Strict):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     num_gpus: int | None = Field(None, ge=0)
+    verbose: bool = Field(
+        False, description="print Ray's own output (workers, Train, Data, Serve) on the terminal; "
+        "false: it goes to RUN_DIR/logs/ray.log and the terminal shows re2g's progress (--verbose)")
 
 
 # --------------------------------------------------------------------------- generation

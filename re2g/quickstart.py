@@ -350,6 +350,9 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
     """Run every step (or the ``only`` ones) into ``cfg.run_dir``; returns the run summary (also
     written as the report). The caller has connected to Ray."""
     console = console or Console()
+    from re2g.progress import use_console
+
+    use_console(console)  # training and Ray Data progress go where the tables go
     run_dir = Path(cfg.run_dir)
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)

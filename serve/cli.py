@@ -82,6 +82,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a config field: --set serve.generator.max_replicas=2 (repeatable)")]
 BatchingOpt = Annotated[Optional[bool], typer.Option("--batching/--no-batching",
                                                      help="dynamic batching (default serve.batching)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="print Ray's own output (replicas, access log, Serve's "
+                                          "controller) here instead of RUN_DIR/logs/ray.log")]
 
 
 def serve_command(
@@ -91,13 +93,14 @@ def serve_command(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     batching: BatchingOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Serve RUN_DIR with Ray Serve: the HTTP API (/v1/answer, /v1/retrieve, /v1/rerank, /v1/answer:batch),
     the web page at / and the API reference at /docs. Blocks until Ctrl-C."""
     from rich.console import Console
 
     from re2g.errors import Re2GError
-    from re2g.runtime import connect_ray, quiet_env
+    from re2g.runtime import connect_ray, log_dir_for, log_hint, quiet_env
 
     console = Console(stderr=True)
     quiet_env()
@@ -120,7 +123,7 @@ def serve_command(
         raise typer.Exit(code=2)
     s = cfg.serve
     own_ray = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    connect_ray(cfg.ray)
+    connect_ray(cfg.ray, log_dir=log_dir_for(run), verbose=verbose)  # Ray's output: RUN_DIR/logs/ray.log
     from ray import serve
 
     console.print(f"[bold]re2g serve[/] {run}: {pieces.passage_count} passages, "
@@ -132,7 +135,7 @@ def serve_command(
     try:
         serve.run(bind_app(run, cfg, api_key=api_key), name=s.app_name, route_prefix=s.route_prefix)
     except Exception as e:  # a replica failed to start: its error is in the message
-        console.print(f"[bold red]error:[/] the application did not start: {e}")
+        console.print(f"[bold red]error:[/] the application did not start: {e}{log_hint()}", highlight=False)
         _stop(serve, s.app_name, own_ray, run, stop_shard_actors)
         raise typer.Exit(code=1)
     url = _urls(s.host, s.port, s.route_prefix)

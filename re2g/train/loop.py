@@ -4,8 +4,9 @@ Each worker builds the stage's model(s) (same seed everywhere; DeepSpeed also br
 weights), wraps them with DeepSpeed (ZeRO stage, precision, accumulation and clipping from our
 config; AdamW + warmup/linear-decay ``LambdaLR``), and reads its own part of the planned
 micro-batches from its Ray Data shard. Every ``log_every`` steps it reports loss, learning rate and
-examples/s (rank 0 also prints a progress line, forwarded to the driver, and appends to
-``metrics.jsonl`` / TensorBoard when installed); at ``checkpoint_every`` steps and at the end every
+examples/s (rank 0 also prints a progress line, which Ray's log keeps, and appends to
+``metrics.jsonl`` / TensorBoard when installed; the driver shows the stage's progress from
+``metrics.jsonl``, ``re2g.progress.track_training``); at ``checkpoint_every`` steps and at the end every
 rank writes its DeepSpeed state and rank 0 the models as ``save_pretrained`` directories, reported
 together as one checkpoint. On a restart (``FailureConfig``) the workers load the latest checkpoint:
 step counter, optimizer, scheduler and data position (micro-batches consumed) are restored.
@@ -282,11 +283,14 @@ def run_loop(spec: LoopSpec, dataset, *, num_workers: int, use_gpu: bool, cpus_p
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    from re2g.progress import track_training
+
     t0 = time.time()
-    result = trainer.fit()
+    with track_training(spec.stage.name, spec.steps, spec.metrics_path):  # the driver's bar from metrics.jsonl
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
     seconds = time.time() - t0
-    if result.error is not None:
-        raise result.error
     ckpt = result.checkpoint
     metrics = dict(result.metrics or {})  # Ray Train V2: None when the last report had no checkpoint
     ckpt_dir = None
