@@ -13,7 +13,8 @@ def test_report_files_and_contents(tmp_path):
     summary = {
         "run_dir": "runs/x", "seconds": 123.0,
         "stages": [{"name": "dpr", "metric": "dev recall@5", "before": 0.1, "after": 0.6, "seconds": 30.0},
-                   {"name": "bm25", "metric": "", "skipped": True}],
+                   {"name": "bm25", "metric": "", "skipped": True, "seconds": 3.0},   # done in an earlier run
+                   {"name": "e2e", "metric": "left out (quickstart.skip)", "skipped": True}],
         "retrieval": {"dev": {"bm25": {"recall@1": 0.3, "recall@5": 0.8, "mrr@10": 0.5},
                               "dpr": {"recall@1": 0.4, "recall@5": 0.9, "mrr@10": 0.6}}},
         "downstream": {"dev": {"untrained": {"em": 0.0, "f1": 0.1}, "stage 2": {"em": 0.4, "f1": 0.5}}},
@@ -27,12 +28,13 @@ def test_report_files_and_contents(tmp_path):
         assert files[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files["markdown"].read_text()
     assert "| dpr | dev recall@5 | 0.100 | 0.600 | +0.500 | 30 |" in md
-    assert "skipped" in md and "recall_dev.png" in md and "**q?** → a" in md
+    assert "| bm25 |  | — | — |  | done before |" in md and "| e2e | left out (quickstart.skip) | — | — |  | — |" in md
+    assert "recall_dev.png" in md and "**q?** → a" in md
     assert json.loads(files["json"].read_text())["seconds"] == 123.0
     table = stages_table(summary)
-    assert table.row_count == 3  # two stages and the total
+    assert table.row_count == 4  # three stages and the total
     assert [c._cells[-1] for c in table.columns][0] == "total"
-    assert table.columns[-1]._cells == ["30", "skipped", "123"]
+    assert table.columns[-1]._cells == ["30", "done before", "—", "123"]
 
 
 def test_report_with_nothing_in_it(tmp_path):

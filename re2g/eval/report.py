@@ -132,6 +132,13 @@ def plot_downstream(systems: dict[str, dict], out_png: str | Path, keys=("em", "
     return out
 
 
+def _seconds_cell(stage: dict) -> str:
+    """A stage's time: its seconds, ``done before`` (a resumed run reused it), or ``—`` (left out)."""
+    if not stage.get("skipped"):
+        return _secs(stage.get("seconds"))
+    return "done before" if stage.get("seconds") is not None else "—"
+
+
 def stages_table(summary: dict):
     """The rich table printed at the end of a run: what each stage added."""
     from rich.table import Table
@@ -142,7 +149,7 @@ def stages_table(summary: dict):
     for s in summary.get("stages", []):
         before, after = s.get("before"), s.get("after")
         change = f"{after - before:+.3f}" if isinstance(before, (int, float)) and isinstance(after, (int, float)) else ""
-        secs = "skipped" if s.get("skipped") else _secs(s.get("seconds"))
+        secs = _seconds_cell(s)
         t.add_row(s["name"], s.get("metric", ""), _num(before), _num(after), change, secs)
     if summary.get("seconds") is not None:
         t.add_section()
@@ -185,7 +192,7 @@ def write_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:
             b, a = s.get("before"), s.get("after")
             ch = f"{a - b:+.3f}" if isinstance(b, (int, float)) and isinstance(a, (int, float)) else ""
             md.append(f"| {s['name']} | {s.get('metric', '')} | {_num(b)} | {_num(a)} | {ch} | "
-                      f"{'skipped (already there)' if s.get('skipped') else _secs(s.get('seconds'))} |")
+                      f"{_seconds_cell(s)} |")
         md.append("")
     for split, systems in summary.get("retrieval", {}).items():
         md.append(f"## Retrieval ({split})\n\n{_md_table(systems)}\n")
