@@ -92,6 +92,7 @@ def run_schemathesis(app, max_examples: int, seed: int = 17) -> tuple[dict, list
 
     config = SchemathesisConfig.from_dict({
         "seed": seed,
+        "cache": {"enabled": False},            # no .schemathesis/ state in the working tree
         "generation": {"mode": "all", "max-examples": max_examples},
         "phases": {"stateful": {"enabled": False}},
         "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS},
