@@ -271,7 +271,9 @@ def main(argv=None) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serve.proxy import start_serve
+
+    start_serve({"host": "127.0.0.1", "port": port})  # as `re2g serve` starts it (the resending proxy)
     url = f"http://127.0.0.1:{port}"
     app_name = "re2g-bench"
     results: dict = {"batching_on": [], "batching_off": []}

@@ -440,10 +440,11 @@ def _serve_and_ask(run_dir: str, cfg, *, keep: bool) -> None:
     from re2g.data.kilt import read_kilt
     from re2g.data.sample import task_file
     from serve.app import bind_app
+    from serve.proxy import start_serve
 
     out = Console()
     s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    start_serve({"host": s.host, "port": s.port}, s)  # with the proxy that resends a request whose ingress died
     serve.run(bind_app(run_dir, cfg), name=s.app_name, route_prefix=s.route_prefix)
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     for ex in _sample_questions(read_kilt(str(Path(run_dir) / "sample" / task_file(cfg.train.task, "dev")))):
