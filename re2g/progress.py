@@ -33,6 +33,8 @@ SUMMARY_MIN_S = 10.0
 LINE_EVERY_S = 30.0
 #: how often the metrics file is read
 POLL_S = 0.5
+#: width of a bar on a terminal
+BAR = 24
 
 _lock = threading.RLock()
 _console: Console | None = None
@@ -112,7 +114,7 @@ class _Display:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            p = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(bar_width=30),
+            p = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(bar_width=BAR),
                          MofNCompleteColumn(), TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
                          TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
                          console=con, transient=True, refresh_per_second=4)
@@ -145,10 +147,21 @@ class _Display:
             if info is not None:
                 task.info = info
             if task.rich_id is not None and self.progress is not None:
-                self.progress.update(task.rich_id, completed=done, total=task.total, info=task.info)
+                self.progress.update(task.rich_id, completed=done, total=task.total, info=self._fit(task))
             elif line:
                 task.last_line = time.time()
                 console().print(task.line(), markup=False, highlight=False)
+
+    @staticmethod
+    def _fit(task: _Task) -> str:
+        """The task's info cut to what the line has left after the bar, counts and times (rich would
+        squeeze those instead)."""
+        n = len(str(task.total or task.done))
+        used = 2 + len(task.label) + 1 + BAR + 1 + 2 * n + 2 + len(task.unit) + 1 + 8 + 4 + 8 + 1
+        room = console().width - used - 1
+        if len(task.info) <= room:
+            return task.info
+        return task.info[:max(0, room - 1)] + "…" if room > 1 else ""
 
     def finish(self, tid: int, summary: str | None) -> None:
         with _lock:
@@ -270,7 +283,7 @@ def _op_rows(executor) -> tuple[str, int, int | None]:
     best: tuple[float, int, int | None] | None = None
     for op in work:
         try:
-            total = op.num_output_rows_total()
+            total = _rows_expected(op)
             done = int(op.metrics.row_outputs_taken or 0)
         except Exception:
             continue
@@ -286,6 +299,21 @@ def _op_rows(executor) -> tuple[str, int, int | None]:
             done = 0
         return names, done, None
     return names, best[1], best[2]
+
+
+def _rows_expected(op) -> int | None:
+    """An operator's expected output rows; while it does not know them yet, its input's (a map keeps
+    the rows it gets, the usual case here)."""
+    seen = 0
+    while op is not None and seen < 16:
+        total = op.num_output_rows_total()
+        if total:
+            return total
+        if "FlatMap" in op.name or op.name.startswith("ListFiles"):  # rows in != rows out; files, not rows
+            return None
+        deps = getattr(op, "input_dependencies", None) or []
+        op, seen = (deps[0] if len(deps) == 1 else None), seen + 1
+    return None
 
 
 try:  # Ray Data's execution callbacks (DataContext.custom_execution_callback_classes)

@@ -59,6 +59,15 @@ def test_every_stage_ran_and_reported(quickstart):
     # training curves of every training stage were found
     assert set(summary["training"]) >= {"dpr", "generator", "reranker", "e2e"}
     assert "KILT evaluation" in printed
+    # the terminal: each training stage's progress (from its metrics.jsonl) and none of Ray's own lines
+    import re
+
+    for name in ("dpr", "generator", "reranker", "e2e-distill"):
+        assert re.search(rf"^\[{name}\] \d+/\d+ steps  loss=", printed, re.M), name
+        assert re.search(rf"^\[{name}\] done: \d+/\d+ steps in ", printed, re.M), name
+    ray_markers = ["PlacementGroupCleaner", "TrainingReport(", "streaming_executor", "logging_progress",
+                   "RayTrainWorker", "(pid="]   # tests/test_quiet_terminal.py checks them in a user's shell
+    assert not [m for m in ray_markers if m in printed]
 
 
 def test_trained_system_beats_bm25_and_the_untrained_generator(quickstart):

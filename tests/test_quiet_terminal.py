@@ -193,3 +193,28 @@ def test_verbose_is_a_ray_config_field():
 
     assert load_config(preset="tiny").ray.verbose is False
     assert load_config(preset="tiny", overrides=["ray.verbose=true"]).ray.verbose is True
+
+
+def test_errors_name_the_log(monkeypatch):
+    from typer.testing import CliRunner
+
+    from re2g import runtime
+    from re2g.cli import app
+
+    assert runtime.log_hint() == "" or runtime.ray_log_path()
+    monkeypatch.setitem(runtime._quiet, "path", "/runs/x/logs/ray.log")
+    assert runtime.log_hint() == " (Ray's log: /runs/x/logs/ray.log)"
+    res = CliRunner().invoke(app, ["retrieval-report", "--passages", "p", "--index", "i"])
+    assert res.exit_code == 2
+    assert "(Ray's log: /runs/x/logs/ray.log)" in res.output
+
+
+@pytest.mark.parametrize("cmd", [["quickstart"], ["demo"], ["train", "dpr"], ["train", "generator"], ["embed"],
+                                 ["serve"], ["mine-negatives"]])
+def test_verbose_option(cmd):
+    from typer.testing import CliRunner
+
+    from re2g.cli import app
+
+    res = CliRunner().invoke(app, [*cmd, "--help"])
+    assert res.exit_code == 0 and "--verbose" in res.output
