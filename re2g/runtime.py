@@ -44,8 +44,9 @@ def pick_device(name: str = "auto") -> str:
 
 RAY_LOG = "ray.log"
 #: Ray log records that reach the terminal besides errors: warnings about a run that cannot go on
-NEEDS_USER = re.compile(r"cannot be scheduled|infeasible|insufficient|not enough|out of memory|OOM|"
-                        r"no space|disk is full|hang|taken more than|unhealthy|failed to start|deadlock", re.I)
+NEEDS_USER = re.compile(r"cannot be scheduled|infeasible|insufficient|not enough|out of memory|\bOOM\b|"
+                        r"no space|disk is full|\bhangs?\b|taken more than|unhealthy|failed to start|deadlock",
+                        re.I)
 
 _quiet: dict = {}   # this process's quiet set-up: path, file, terminal (see _go_quiet)
 
@@ -93,11 +94,11 @@ def connect_ray(cfg: RayConfig | None = None, *, log_dir: str | Path | None = No
     cfg = cfg or RayConfig()
     verbose = cfg.verbose if verbose is None else verbose
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"configure_logging": True, "logging_level": "INFO" if verbose else "WARNING"}
+    kwargs: dict = {"configure_logging": True, "logging_level": "INFO"}   # Ray's default
     if not verbose:
         _go_quiet(Path(log_dir) if log_dir else log_dir_for(None))
-        kwargs = {"configure_logging": True, "logging_level": "INFO",
-                  "log_to_driver": _worker_stream_handler() is not None}
+        # the workers' lines come to this process and go to the log (without the hook: Ray's session logs)
+        kwargs["log_to_driver"] = _worker_stream_handler() is not None
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -139,9 +140,14 @@ def _go_quiet(log_dir: Path) -> None:
         return
     import threading
 
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = (log_dir / RAY_LOG).absolute()
-    f = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = (log_dir / RAY_LOG).absolute()
+        f = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except OSError:  # not writable here: the temporary directory
+        path = (log_dir_for(None) / f"ray-{os.getpid()}.log").absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
     _quiet.update(path=str(path), file=f, lock=threading.Lock())
     f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     _redirect_fd2(f)
