@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from re2g.errors import ArtifactError
-from re2g.models.encoders import check_source, load_tokenizer, module_device, title_text
+from re2g.models.encoders import check_source, load_tokenizer, module_device, quiet_transformers, title_text
 from re2g.models.fingerprint import read_model_meta, write_model_meta
 
 DEFAULT_TITLE_SEP = " / "
@@ -177,7 +177,8 @@ class Generator(torch.nn.Module):
         if meta is not None and meta.get("kind") != "generator":
             raise ArtifactError(f"{src}: a saved {meta.get('kind')!r}, not a generator")
         try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(src)
+            with quiet_transformers():  # no "Loading weights" bar per load
+                model = AutoModelForSeq2SeqLM.from_pretrained(src)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{src}: cannot load the generator: {e}") from None
         tok = load_tokenizer(tokenizer if tokenizer is not None else src, "generator tokenizer")
