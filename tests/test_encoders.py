@@ -218,7 +218,7 @@ def test_minilm_reranker_trains(minilm_dir):
     for _ in range(8):
         z = torch.stack([rr.score(q, cands) for q in queries])  # (3 queries, 3 candidates)
         loss = multi_positive_nll(z, torch.eye(3, dtype=torch.bool))
-        losses.append(float(loss))
+        losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
