@@ -84,8 +84,12 @@ class Context:
 
 
 def config_hash(cfg: Re2GConfig) -> str:
-    """A short hash of the config (what decides whether a finished step can be reused)."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of the config (what decides whether a finished step can be reused). The ``ray``
+    section (where to connect, how verbose) changes no step's output and is left out, so
+    ``--set ray.verbose=true`` resumes a run instead of redoing it."""
+    tree = cfg.model_dump(mode="json")
+    tree.pop("ray", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the steps
