@@ -24,7 +24,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see `re2g config show`)")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="tiny (CPU, built from config) or paper (Re2G checkpoints)")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="tiny (CPU, built from config), small (real all-MiniLM-L6-v2 on Wikipedia text) or paper (Re2G checkpoints)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config field: --set index.num_shards=4 (repeatable)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="print Ray's own output (workers, Train, Data, Serve) "
                                           "here instead of RUN_DIR/logs/ray.log")]
