@@ -786,6 +786,15 @@ def _commit(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def commit_sample(tmp: Path, out: Path, meta: dict[str, Any], files: list[str], summary: "SampleSummary") -> None:
+    """Finish a sample written under ``tmp``: ``sample.json`` (``meta`` + every file's size) last, then
+    ``tmp`` renamed to ``out``. Shared by the synthetic and the vital-articles samples."""
+    meta["files"] = [{"path": f, "bytes": (tmp / f).stat().st_size} for f in files]
+    (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    summary.files = files + [SUMMARY_FILE]
+    _commit(tmp, out)
+
+
 def _pages(w: _World, prof: SizeProfile, rng: random.Random,
            progress: bool) -> Iterator[tuple[int, list[str], list[int], tuple[int, ...]]]:
     from tqdm import tqdm
@@ -899,11 +908,8 @@ def generate_sample(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 40
             "vocab_size": vocab_size,
             "relations": RELATION_LABELS,
             "summary": stored,
-            "files": [{"path": f, "bytes": (tmp / f).stat().st_size} for f in files],
         }
-        (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        summary.files = files + [SUMMARY_FILE]
-        _commit(tmp, out)
+        commit_sample(tmp, out, meta, files, summary)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

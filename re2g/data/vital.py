@@ -214,7 +214,7 @@ def generate_vital(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 400
     asset; :class:`re2g.assets.AssetMissingError` says how to fetch it). Atomic like
     ``generate_sample``: an existing non-empty ``out_dir`` is refused unless ``overwrite``."""
     from re2g.assets import ASSETS
-    from re2g.data.sample import (FORMAT, KNOWLEDGE_SOURCE, SPLITS, SUMMARY_FILE, SampleSummary, _commit, _dump,
+    from re2g.data.sample import (FORMAT, KNOWLEDGE_SOURCE, SPLITS, SampleSummary, _dump, commit_sample,
                                   _prepare_out, estimate_passages, task_file)
     from re2g.data.tokenizers import train_tokenizers
 
@@ -290,11 +290,8 @@ def generate_vital(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 400
             "vocab_size": vocab_size,
             "queries_by_reason": dict(sorted(reasons.items())),
             "summary": stored,
-            "files": [{"path": f, "bytes": (tmp / f).stat().st_size} for f in files],
         }
-        (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        summary.files = files + [SUMMARY_FILE]
-        _commit(tmp, out)
+        commit_sample(tmp, out, meta, files, summary)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
