@@ -8,7 +8,7 @@ Routes::
     GET  /openapi.json      the OpenAPI document
     GET  /healthz           200 when every deployment answers its health check, else 503
     GET  /v1/info           limits and defaults of this deployment
-    POST /v1/answer         retrieve -> rerank -> generate for one query
+    POST /v1/answer         retrieve -> rerank -> generate for one query (``"stream": true``: as events)
     POST /v1/answer:batch   the same for many queries, as one batch
     POST /v1/retrieve       fused DPR + BM25 candidates
     POST /v1/rerank         cross-encoder scores of given passages
@@ -20,6 +20,21 @@ down, 504 past the deadline (Serve's proxy's own errors too, through :mod:`serve
 sends ``application/x-www-form-urlencoded``; the API reads such bodies (and bodies without a content
 type) as JSON.
 
+``"stream": true`` on ``/v1/answer`` answers with server-sent events (:class:`EventStream`)::
+
+    event: retrieved        RetrieveResponse: the candidates given to the reranker
+    event: reranked         RerankResponse: the passages the generator reads, best first
+    event: answer           AnswerResponse: the body the same request without stream gets
+    event: error            ErrorResponse: a stage failed after the stream started (instead of answer)
+    event: done             StreamDone: {"ok": true | false}, the last event
+
+each event's JSON on one ``data:`` line, ``: ping`` comments after ``stream_ping_s`` s of silence. The
+stream starts (status 200) with the ``retrieved`` event: a bad request, and a retrieval that fails or
+misses the deadline, get the same status and JSON error body as without ``stream``. The deadline
+(``timeout_s``) covers the whole stream; a client that disconnects cancels the stages still to run. The
+answer comes whole, when it exists: beam search (RAG-Sequence and RAG-Token alike,
+:mod:`re2g.models.decoding`) has no token to send before it has finished.
+
 The request models come from :func:`serve.schemas.request_models` with this deployment's limits, so
 ``/openapi.json`` states what is checked (see :mod:`serve.schemas`); a query over ``max_query_tokens``
 tokens is cut to them (:func:`fit_query`) rather than refused.
@@ -27,6 +42,7 @@ tokens is cut to them (:func:`fit_query`) rather than refused.
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import time
@@ -36,7 +52,8 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from re2g.types import Hit
@@ -56,7 +73,9 @@ from serve.schemas import (
     RerankedOut,
     RerankResponse,
     RetrieveResponse,
+    StreamDone,
     Timings,
+    answer_stream_openapi,
     request_models,
 )
 
@@ -86,6 +105,7 @@ class ApiSettings:
     default_n_docs: int = 5        # retrieval.rerank_top_k
     max_n_docs: int = 20
     batching: bool = True
+    stream_ping_s: float = 15.0    # a ": ping" comment after this long without an event (idle proxies)
 
 
 class Backend(Protocol):
@@ -127,6 +147,11 @@ class ApiError(Exception):
 
 def bad_field(name: str, reason: str, status: int = 422) -> ApiError:
     return ApiError(status, "invalid_request", f"{name}: {reason}", [(name, reason)])
+
+
+def internal_error(exc: BaseException) -> ApiError:
+    """The 500 of an unexpected exception (logged where it is caught)."""
+    return ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the ingress logs")
 
 
 # --------------------------------------------------------------------------- middleware
@@ -310,13 +335,13 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def hit_out(h: Hit) -> HitOut:
-    return HitOut(pid=h.pid, title=h.title, text=h.text, wikipedia_id=h.wikipedia_id, source=h.source,
-                  score=_num(h.score) or 0.0, rank=h.rank)
+def hit_out(h: Hit, with_text: bool = True) -> HitOut:
+    return HitOut(pid=h.pid, title=h.title, text=h.text if with_text else None, wikipedia_id=h.wikipedia_id,
+                  source=h.source, score=_num(h.score) or 0.0, rank=h.rank)
 
 
-def reranked_out(h: Any, given: bool = False) -> RerankedOut:
-    return RerankedOut(pid=h.pid, title=h.title, text=h.text, wikipedia_id=h.wikipedia_id,
+def reranked_out(h: Any, given: bool = False, with_text: bool = True) -> RerankedOut:
+    return RerankedOut(pid=h.pid, title=h.title, text=h.text if with_text else None, wikipedia_id=h.wikipedia_id,
                        source=None if given else h.source, score=None if given else _num(h.score), rank=h.rank,
                        rerank_score=_num(h.rerank_score) or 0.0, rerank_rank=h.rerank_rank)
 
@@ -331,6 +356,73 @@ def answer_out(a: Any, timings: Timings, return_passages: bool = True, truncated
                                   retrieval_score=_num(p.retrieval_score), rerank_score=_num(p.rerank_score),
                                   weight=_num(p.weight) or 0.0) for p in a.provenance],
         timings=timings)
+
+
+# --------------------------------------------------------------------------- server-sent events
+
+
+def sse_event(event: str, data: BaseModel | dict) -> bytes:
+    """One server-sent event: ``event: NAME`` and the JSON of ``data`` on one ``data:`` line."""
+    body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data, separators=(",", ":"))
+    return f"event: {event}\ndata: {body}\n\n".encode()
+
+
+PING = b": ping\n\n"
+STREAM_END = None      # what the producer puts in the queue last
+
+
+class EventStream(StreamingResponse):
+    """``text/event-stream`` of ``(event, payload)`` items that a producer task puts in ``queue`` (then
+    ``None``), starting with ``first``; an ``error`` item's payload is the :class:`ApiError`, sent as its
+    :class:`ErrorResponse`; ``done`` last (``ok``: no ``error`` event was sent). A ``: ping``
+    comment goes out after ``ping_s`` s without an event, so proxies keep an idle connection open.
+
+    The client's disconnect (``http.disconnect``, a failed send, or the request's task cancelled, as
+    Serve does when the HTTP client goes away) cancels the producer, and with it the stage call in flight
+    (a DeploymentHandle call cancelled is cancelled in its replica)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, first: tuple[str, Any], queue: asyncio.Queue, producer: asyncio.Task, ping_s: float):
+        super().__init__(iter(()), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.first, self.queue, self.producer, self.ping_s = first, queue, producer, ping_s
+
+    async def _next(self, send) -> tuple[str, Any] | None:
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), self.ping_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                await send({"type": "http.response.body", "body": PING, "more_body": True})
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def watch():
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:               # no receive left to read: the same as gone
+                pass
+            self.producer.cancel()          # nobody is listening: stop the stages still to run
+
+        watcher = asyncio.create_task(watch())
+        ok = True
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            item = self.first
+            while item is not STREAM_END:
+                name, payload = item
+                if name == "error":
+                    ok = False
+                    payload = ErrorResponse(error=payload.error, message=payload.message, errors=payload.errors)
+                await send({"type": "http.response.body", "body": sse_event(name, payload), "more_body": True})
+                item = await self._next(send)
+            await send({"type": "http.response.body", "body": sse_event("done", StreamDone(ok=ok)),
+                        "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:                     # the client went away while we sent
+            pass
+        finally:
+            watcher.cancel()
+            self.producer.cancel()
 
 
 # --------------------------------------------------------------------------- the app
@@ -416,7 +508,7 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):
         log.exception("internal error")
-        return ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the ingress logs").response()
+        return internal_error(exc).response()
 
     async def guarded(timeout_s: float | None, work: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``work`` under the deadline; Serve's overload and failure errors become 503, the deadline 504."""
@@ -491,13 +583,64 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
     AnswerRequest, BatchAnswerRequest = models.AnswerRequest, models.BatchAnswerRequest
     RetrieveRequest, RerankRequest = models.RetrieveRequest, models.RerankRequest
 
-    @app.post("/v1/answer", response_model=AnswerResponse, responses=errors, summary="Answer a query")
-    async def answer(req: AnswerRequest) -> AnswerResponse:
+    async def answer_stream(req, q: str, cut: bool, k: int, n_docs: int) -> EventStream:
+        """``/v1/answer`` as server-sent events. The stages run in a task that queues each result as it
+        exists; the response starts with the first (``retrieved``), so a failure before it is answered
+        with its status and JSON body, as without ``stream``; a later failure becomes an ``error`` event."""
+        queue: asyncio.Queue = asyncio.Queue()
+        text = req.return_passages
+
+        async def work():
+            t = [time.perf_counter()]
+            hits = (await backend.retrieve(q))[:k]
+            t.append(time.perf_counter())
+            queue.put_nowait(("retrieved", RetrieveResponse(
+                query=q, query_truncated=cut, hits=[hit_out(h, text) for h in hits],
+                timings=Timings(retrieve=t[1] - t[0], total=t[1] - t[0]))))
+            reranked = await backend.rerank(q, hits, n_docs)
+            t.append(time.perf_counter())
+            queue.put_nowait(("reranked", RerankResponse(
+                query=q, query_truncated=cut, passages=[reranked_out(h, with_text=text) for h in reranked],
+                timings=Timings(retrieve=t[1] - t[0], rerank=t[2] - t[1], total=t[2] - t[0]))))
+            ans = await backend.generate(q, reranked)
+            t.append(time.perf_counter())
+            queue.put_nowait(("answer", answer_out(ans, timings(t), text, cut)))
+
+        async def produce():
+            try:
+                await guarded(req.timeout_s, work)
+            except ApiError as e:
+                queue.put_nowait(("error", e))
+            except Exception as e:
+                log.exception("internal error in a stream")
+                queue.put_nowait(("error", internal_error(e)))
+            finally:
+                queue.put_nowait(STREAM_END)
+
+        producer = asyncio.create_task(produce())
+        try:
+            first = await queue.get()
+        except BaseException:               # cancelled (the client left) before the first event
+            producer.cancel()
+            raise
+        if first[0] == "error":             # nothing sent yet: the status and body of the non-streamed answer
+            raise first[1]
+        return EventStream(first, queue, producer, s.stream_ping_s)
+
+    @app.post("/v1/answer", response_model=AnswerResponse, summary="Answer a query", responses={
+        **errors, 200: {"description": "the answer; with stream: server-sent events (see the stream field)",
+                        "content": {"text/event-stream": answer_stream_openapi()}}})
+    async def answer(req: AnswerRequest) -> Any:
         """Retrieve (DPR + BM25, fused), rerank (cross-encoder), generate (BART over the top ``n_docs``
         passages, weighted by softmax of the rerank scores). Returns the answer, candidate answers with
-        log-probabilities, the provenance passages with their scores, and seconds per stage."""
+        log-probabilities, the provenance passages with their scores, and seconds per stage.
+        With ``"stream": true``: server-sent events ``retrieved``, ``reranked``, ``answer`` (this body), ``done``
+        (``error`` instead of the rest when a stage fails after the first event); the answer comes whole, as
+        beam search has no token to send before it has finished."""
         q, cut = check_query(req.query)
         k, n_docs = depths(req.top_k, req.n_docs)
+        if req.stream:
+            return await answer_stream(req, q, cut, k, n_docs)
 
         async def work():
             t = [time.perf_counter()]

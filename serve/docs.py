@@ -2,8 +2,9 @@
 
 FastAPI's Swagger UI and ReDoc pages load their scripts from a CDN, which the machines that serve re2g
 cannot reach; this page needs nothing but itself. Each operation shows its method and path, its
-description, the request body's fields (type, required, limits, default, description), the responses,
-and a ``curl`` example. The raw document is at ``/openapi.json``.
+description, the request body's fields (type, required, limits, default, description), the responses
+(a ``text/event-stream`` response with its events: name, payload, description), and ``curl`` examples.
+The raw document is at ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ EXAMPLES = {
     "/v1/rerank": {"query": "where was Broushan Stovelain born?",
                    "passages": [{"title": "Broushan Stovelain", "text": "Broushan Stovelain was born in ..."},
                                 {"text": "An unrelated passage."}]},
+}
+STREAM_EXAMPLES = {     # curl -N: print each event as it arrives
+    "/v1/answer": {"query": "Broushan Stovelain [SEP] place of birth", "n_docs": 3, "stream": True},
 }
 
 
@@ -87,6 +91,24 @@ def _fields_table(doc: dict, schema: dict) -> str:
             "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
+def _events(doc: dict, media: dict) -> str:
+    """The events of a ``text/event-stream`` media type (an ``itemSchema`` per event, ``oneOf``)."""
+    items = []
+    for ev in media.get("itemSchema", {}).get("oneOf", []):
+        props = ev.get("properties", {})
+        name = props.get("event", {}).get("const", "message")
+        data = props.get("data", {}).get("contentSchema")
+        if data and "$ref" in data:
+            kind = f" &mdash; <code>{html.escape(_type(doc, data))}</code>"
+        elif data and data.get("properties"):      # a small inline object: its fields
+            fields = ", ".join(f"{k}: {_type(doc, v)}" for k, v in data["properties"].items())
+            kind = f" &mdash; <code>{{{html.escape(fields)}}}</code>"
+        else:
+            kind = ""
+        items.append(f"<li><code>event: {html.escape(str(name))}</code>{kind} {_text(ev.get('description', ''))}</li>")
+    return "<ul>" + "".join(items) + "</ul>" if items else ""
+
+
 def _operation(doc: dict, path: str, method: str, op: dict) -> str:
     out = [f'<section class="op" id="{html.escape(method + path)}"><h2><span class="m {method}">'
            f'{method.upper()}</span> <code>{html.escape(path)}</code> {html.escape(op.get("summary", ""))}</h2>']
@@ -100,11 +122,18 @@ def _operation(doc: dict, path: str, method: str, op: dict) -> str:
     for code, r in op.get("responses", {}).items():
         schema = r.get("content", {}).get("application/json", {}).get("schema")
         name = f" &mdash; <code>{html.escape(_type(doc, schema))}</code>" if schema else ""
-        out.append(f"<li><b>{html.escape(str(code))}</b> {html.escape(r.get('description', ''))}{name}</li>")
+        sse = r.get("content", {}).get("text/event-stream")
+        events = "" if sse is None else ("<br>or <code>text/event-stream</code>, one JSON <code>data:</code> line "
+                                         "per event:" + _events(doc, sse))
+        out.append(f"<li><b>{html.escape(str(code))}</b> {html.escape(r.get('description', ''))}{name}{events}</li>")
     out.append("</ul>")
     if path in EXAMPLES:
         ex = json.dumps(EXAMPLES[path])
-        out.append(f"<pre>curl -s localhost:8000{html.escape(path)} -d '{html.escape(ex)}'</pre>")
+        out.append(f"<pre>curl -s localhost:8000{html.escape(path)} -d '{html.escape(ex)}'")
+        if path in STREAM_EXAMPLES:
+            ex = json.dumps(STREAM_EXAMPLES[path])
+            out.append(f"\ncurl -sN localhost:8000{html.escape(path)} -d '{html.escape(ex)}'")
+        out.append("</pre>")
     elif method == "get":
         out.append(f"<pre>curl -s localhost:8000{html.escape(path)}</pre>")
     out.append("</section>")

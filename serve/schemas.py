@@ -14,6 +14,13 @@ What a JSON Schema cannot say is not refused: ``n_docs`` above ``top_k`` reads `
 query longer than ``serve.max_query_tokens`` query-encoder tokens is cut to them (the answer's ``query``
 is the query as answered, ``query_truncated`` says so).
 
+``"stream": true`` on ``/v1/answer`` answers with server-sent events (``text/event-stream``) instead of one
+JSON body: ``retrieved`` (a :class:`RetrieveResponse`), ``reranked`` (a :class:`RerankResponse`), ``answer``
+(the :class:`AnswerResponse` the request without ``stream`` gets), ``error`` (an :class:`ErrorResponse`, when a
+stage fails after the stream started) and ``done`` (:class:`StreamDone`), each with its JSON on one ``data:``
+line; :func:`answer_stream_openapi` documents them in ``/openapi.json`` (OpenAPI 3.2's ``itemSchema``, as
+FastAPI writes it for its own event streams).
+
 Scores: ``score`` / ``retrieval_score`` is the retriever's (DPR inner product or BM25), ``rerank_score``
 the cross-encoder's logit z_r, ``weight`` the passage's p(z|x) = softmax(z_r) in the generator's
 marginalization, ``logprob`` a candidate answer's log p(y|x). Timings are seconds.
@@ -129,7 +136,7 @@ class RequestLimits:
         num = 1.2345678901234567e-300          # the longest repr of a valid timeout_s (23 characters)
         k = float(self.max_top_k)              # integral floats are integers: 100.0 is longer than 100
         common = {"top_k": k, "n_docs": float(self.max_n_docs), "return_passages": False, "timeout_s": num}
-        answer = {"query": q, **common}
+        answer = {"query": q, **common, "stream": False}
         batch = {"queries": [q], **common}
         retrieve = {"query": q, "top_k": k, "timeout_s": num}
         rerank = {"query": q, "passages": [_worst_passage()], "top_k": float(MAX_TOP_K), "timeout_s": num}
@@ -184,8 +191,13 @@ def request_models(lim: RequestLimits = RequestLimits()) -> SimpleNamespace:
         query: QueryStr
         top_k: TopK = None
         n_docs: NDocs = None
-        return_passages: StrictBool = Field(True, description="include the passages' text in the provenance")
+        return_passages: StrictBool = Field(True, description="include the passages' text in the provenance "
+                                            "(and, streamed, in the retrieved and reranked passages)")
         timeout_s: TimeoutS = None
+        stream: StrictBool = Field(False, description="answer with server-sent events (text/event-stream): "
+                                   "retrieved, reranked, answer (the body the request without stream gets), "
+                                   "done; error instead when a stage fails after the first event. The answer "
+                                   "comes whole: beam search yields no token before it has finished")
 
     class BatchAnswerRequest(_Request):
         """``POST /v1/answer:batch``: like /v1/answer for many queries, computed as one batch."""
@@ -360,6 +372,37 @@ class FieldError(BaseModel):
     field: str = Field(description="where: a body field (query, top_k, queries[2], passages[0].text), "
                        "'body' for the body as a whole, or a header name")
     reason: str
+
+
+class StreamDone(BaseModel):
+    """The last event of a stream."""
+
+    ok: bool = Field(description="the answer event was sent (false: an error event was)")
+
+
+def answer_stream_openapi(ref_prefix: str = "#/components/schemas/") -> dict[str, Any]:
+    """The ``text/event-stream`` media type of ``/v1/answer``'s 200 response: one ``itemSchema`` (an event,
+    as OpenAPI 3.2 describes server-sent events: ``{event, data}``, ``data`` a JSON string) per event name,
+    its ``data`` described by ``contentSchema``. Comment lines (``: ping``) are not events."""
+    def event(name: str, data: dict, description: str) -> dict:
+        return {"type": "object", "title": name, "description": description, "required": ["event", "data"],
+                "properties": {"event": {"type": "string", "const": name},
+                               "data": {"type": "string", "contentMediaType": "application/json",
+                                        "contentSchema": data}}}
+
+    def ref(model: type[BaseModel]) -> dict:
+        return {"$ref": ref_prefix + model.__name__}
+
+    return {"itemSchema": {"oneOf": [
+        event("retrieved", ref(RetrieveResponse), "the candidates given to the reranker (sent first, once "
+              "retrieval is done; timings: retrieve)"),
+        event("reranked", ref(RerankResponse), "the passages the generator reads, best first (timings: retrieve, "
+              "rerank)"),
+        event("answer", ref(AnswerResponse), "the body the same request without stream gets"),
+        event("error", ref(ErrorResponse), "a stage failed after the stream started (the HTTP status is 200 "
+              "by then): deadline_exceeded, overloaded, unavailable or internal"),
+        event("done", StreamDone.model_json_schema(), "the last event"),
+    ]}}
 
 
 class ErrorResponse(BaseModel):

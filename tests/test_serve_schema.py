@@ -5,6 +5,10 @@ over the real API app in-process -- ``serve.api.create_api`` with the settings t
 shared tiny run directory, called directly instead of through DeploymentHandles -- with the checks
 ``not_a_server_error``, ``status_code_conformance``, ``response_schema_conformance``,
 ``positive_data_acceptance`` and ``negative_data_rejection``: no failure and no server exception.
+``/v1/answer`` with ``"stream": true`` answers server-sent events, each checked against its documented
+schema (the response's ``itemSchema``; ``response_schema_conformance``); ``stream_has_no_server_error``
+checks that a stream ends with ``done`` and has no ``error`` event but ``deadline_exceeded`` (a server
+error after a stream started is an event, its HTTP status already 200).
 
 The same run over HTTP against the served app (``schemathesis run http://HOST:PORT/openapi.json --checks
 ... --mode all``, with ``504`` allowed for ``not_a_server_error`` as here) found nothing either.
@@ -23,9 +27,31 @@ from test_serve import shared_run_dir
 schemathesis = pytest.importorskip("schemathesis")
 
 CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conformance",
-          "positive_data_acceptance", "negative_data_rejection")
+          "positive_data_acceptance", "negative_data_rejection", "stream_has_no_server_error")
 MAX_EXAMPLES = int(os.environ.get("RE2G_SCHEMA_MAX_EXAMPLES", "25"))    # per operation, phase and mode
 SEED = int(os.environ.get("RE2G_SCHEMA_SEED", "17"))
+
+
+STREAMS: list[list[str]] = []       # the event names of each stream checked
+
+
+@schemathesis.check
+def stream_has_no_server_error(ctx, response, case):
+    """A text/event-stream response ends with ``done`` and has no ``error`` event but ``deadline_exceeded``
+    (the 504 of a stream that started)."""
+    ctype = next((v[0] for k, v in response.headers.items() if k.lower() == "content-type" and v), "")
+    if not ctype.startswith("text/event-stream"):
+        return None
+    from test_serve_stream import parse_sse
+
+    events = parse_sse(response.content.decode("utf-8"))
+    STREAMS.append([e for e, _ in events])
+    errors = [d for e, d in events if e == "error" and d.get("error") != "deadline_exceeded"]
+    if errors:
+        raise AssertionError(f"error event in the stream: {errors[0]}")
+    if not events or events[-1][0] != "done":
+        raise AssertionError(f"the stream did not end with done: {[e for e, _ in events]}")
+    return None
 
 
 class LocalBackend:
@@ -126,3 +152,6 @@ def test_schemathesis_finds_no_disagreement_between_schema_and_server(app):
     for name in CHECKS:                 # every check ran, on positive and on negative data
         assert counts.get((name, "success"), 0) > 0, (name, counts)
     assert calls >= 100, counts
+    answered = [s for s in STREAMS if s == ["retrieved", "reranked", "answer", "done"]]
+    print(f"streams: {len(STREAMS)}, {len(answered)} with an answer")
+    assert answered, STREAMS
