@@ -16,6 +16,11 @@ has its own replicas (autoscaling), resources (fractional CPUs, GPUs where confi
 redeploy can change them live; ``max_batch_size: 1`` turns batching off). A batch computes on the
 replica's user event loop; the requests that arrive meanwhile form the next batch.
 
+With ``serve.batching`` the ingress also coalesces: the stage calls of concurrent requests go as one
+``retrieve_many`` / ``rerank_many`` / ``generate_many`` call per batch (:class:`Coalescer`), so a batch
+pays one handle call's overhead instead of one per request (on small models that overhead is as large
+as the compute: docs/benchmarks.md).
+
 Run it:
 
 * ``re2g serve RUN_DIR`` (``serve.cli.serve_command``): local Ray, prints the URL, blocks until Ctrl-C;
@@ -206,7 +211,8 @@ class Retriever(_Stage):
         return await self._compute(len(queries), self.pipe.retrieve, queries)
 
     async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
-        """Candidates for a list of queries, computed as one batch (``/v1/answer:batch``)."""
+        """Candidates for a list of queries, computed as one batch (``/v1/answer:batch``, and the
+        ingress's coalesced calls)."""
         return await self._compute(len(queries), self.pipe.retrieve, list(queries))
 
     def _probe(self) -> None:
@@ -342,6 +348,65 @@ def replica_lost(e: BaseException) -> bool:
     return False
 
 
+class Coalescer:
+    """One stage's calls from this ingress gathered into batches, without a timer.
+
+    A call goes at once when fewer than ``max_in_flight`` batches of this stage are out; otherwise it
+    waits, and when a batch comes back everything that waited (up to ``max_batch_size``) goes as one
+    call ``send(items) -> results`` (same order). At light load a request never waits; under load the
+    batches grow with it. A caller that gave up (the API's deadline cancelled it) is left out of the
+    batch it waited for; a batch that fails fails each of its callers with the same error.
+
+    Why in the ingress: a DeploymentHandle call costs CPU on both sides (routing, (de)serialization,
+    Serve's per-request bookkeeping in the replica) -- on 2 cores about as much as the tiny models'
+    compute per request (docs/benchmarks.md). Batching in the model replicas (``@serve.batch``) shares
+    the compute but not that cost; one ``*_many`` call per batch shares both."""
+
+    def __init__(self, send, max_batch_size: int, max_in_flight: int = 1):
+        self.send = send
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_in_flight = max(1, int(max_in_flight))
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __call__(self, item: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, fut))
+        self._dispatch()
+        return await fut
+
+    def _dispatch(self) -> None:
+        while self._waiting and self._in_flight < self.max_in_flight:
+            batch = [(i, f) for i, f in self._waiting[:self.max_batch_size] if not f.done()]
+            del self._waiting[:self.max_batch_size]
+            if not batch:
+                continue
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await self.send([i for i, _ in batch])
+        except asyncio.CancelledError:
+            for _, f in batch:
+                f.cancel()
+            raise
+        except Exception as e:
+            for _, f in batch:
+                if not f.done():
+                    f.set_exception(e)
+        else:
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
+
+
 class HandleBackend:
     """The API's backend in Serve: the three deployments' handles, and the query tokenizer.
 
@@ -349,15 +414,24 @@ class HandleBackend:
     died or was unreachable is sent again (:func:`replica_lost`), after ``retry_backoff_s`` doubling up
     to 1 s, until it succeeds: the API's deadline (``asyncio.wait_for`` around the whole request)
     bounds the retries, and cancels the call in flight when it passes. The handle's router routes the
-    retry to a live replica, or holds it until the controller has started a replacement."""
+    retry to a live replica, or holds it until the controller has started a replacement.
 
-    def __init__(self, retriever, reranker, generator, tokenizer, *, retry_backoff_s: float = 0.05):
+    ``coalesce`` (stage -> (max_batch_size, max_in_flight); None or a size of 1: that stage's calls go
+    one by one): the single-query calls ``retrieve``/``rerank``/``generate`` of concurrent requests go to
+    the deployments as one ``*_many`` call per batch (:class:`Coalescer`)."""
+
+    def __init__(self, retriever, reranker, generator, tokenizer, *, retry_backoff_s: float = 0.05,
+                 coalesce: dict[str, tuple[int, int]] | None = None):
         self.retriever = retriever
         self.reranker = reranker
         self.generator = generator
         self.tokenizer = tokenizer
         self.retry_backoff_s = retry_backoff_s
         self.retries = 0          # calls sent again (this ingress replica)
+        senders = {"retrieve": self._retrieve_batch, "rerank": self._rerank_batch, "generate": self._generate_batch}
+        self.coalescers: dict[str, Coalescer] = {
+            stage: Coalescer(senders[stage], size, in_flight)
+            for stage, (size, in_flight) in (coalesce or {}).items() if size > 1}
 
     async def _call(self, stage: str, method, *args):
         delay = self.retry_backoff_s
@@ -374,22 +448,40 @@ class HandleBackend:
                 delay = min(1.0, 2 * delay)
 
     async def retrieve(self, query: str) -> list[Hit]:
+        if "retrieve" in self.coalescers:
+            return await self.coalescers["retrieve"](query)
         return await self._call("retrieve", self.retriever.retrieve, query)
 
     async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
         return await self._call("retrieve", self.retriever.retrieve_many, queries)
 
+    async def _retrieve_batch(self, queries: list[str]) -> list[list[Hit]]:
+        return await self.retrieve_many(queries)
+
     async def rerank(self, query: str, hits: list[Hit], top_k: int | None) -> list[RerankedHit]:
+        if "rerank" in self.coalescers:
+            return await self.coalescers["rerank"]((query, hits, top_k))
         return await self._call("rerank", self.reranker.rerank, query, hits, top_k)
 
     async def rerank_many(self, queries, hits, top_k):
         return await self._call("rerank", self.reranker.rerank_many, queries, hits, top_k)
 
+    async def _rerank_batch(self, items: list[tuple[str, list[Hit], int | None]]) -> list[list[RerankedHit]]:
+        ks = [k for _, _, k in items]
+        top = None if None in ks else max(ks)            # one call; each request's own top_k cut here
+        ranked = await self.rerank_many([q for q, _, _ in items], [h for _, h, _ in items], top)
+        return [r if k is None else r[:k] for r, k in zip(ranked, ks)]
+
     async def generate(self, query: str, reranked: list[RerankedHit]):
+        if "generate" in self.coalescers:
+            return await self.coalescers["generate"]((query, reranked))
         return await self._call("generate", self.generator.generate, query, reranked)
 
     async def generate_many(self, queries, reranked):
         return await self._call("generate", self.generator.generate_many, queries, reranked)
+
+    async def _generate_batch(self, items: list[tuple[str, list[RerankedHit]]]) -> list:
+        return await self.generate_many([q for q, _ in items], [r for _, r in items])
 
     async def health(self) -> dict[str, dict]:
         names = ("retriever", "reranker", "generator")
@@ -412,7 +504,8 @@ class Ingress:
     def __init__(self, retriever, reranker, generator, run_dir: str, cfg: dict, api_key: str | None = None):
         self.cfg = Re2GConfig.model_validate(cfg)
         pieces = preflight(run_dir, self.cfg)
-        self.backend = HandleBackend(retriever, reranker, generator, load_query_tokenizer(pieces))
+        self.backend = HandleBackend(retriever, reranker, generator, load_query_tokenizer(pieces),
+                                     coalesce=coalesce_settings(self.cfg.serve))
         self.settings = api_settings(self.cfg, pieces, api_key)
 
     def retries(self) -> dict:
@@ -423,6 +516,16 @@ class Ingress:
         from serve.api import create_api
 
         return create_api(self.backend, self.settings)
+
+
+def coalesce_settings(s: ServeConfig) -> dict[str, tuple[int, int]]:
+    """What the ingress coalesces (:class:`HandleBackend`): with ``serve.batching``, each stage's calls
+    in batches of up to its deployment's ``max_batch_size``, as many batches out at once as the stage
+    has replicas at most; without it, nothing (every request's calls go alone)."""
+    if not s.batching:
+        return {}
+    return {stage: (d.max_batch_size, d.max_replicas)
+            for stage, d in (("retrieve", s.retriever), ("rerank", s.reranker), ("generate", s.generator))}
 
 
 def api_settings(cfg: Re2GConfig, pieces: RunPieces, api_key: str | None = None):

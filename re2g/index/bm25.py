@@ -339,13 +339,17 @@ class BM25Retriever:
     def batch_search(self, queries: list[str], k: int = 12,
                      threads: int | None = None) -> list[list[Hit]]:
         """``search`` for each query, run by Lucene on ``threads`` (default: the retriever's)
-        threads; results in the order of ``queries``."""
+        threads; results in the order of ``queries``. A lone query goes to ``search`` (Lucene's batch
+        call costs more CPU than a plain search for one query: a thread pool per call)."""
         queries = list(queries)
         if k <= 0 or not queries:
             return [[] for _ in queries]
         todo = [i for i, q in enumerate(queries) if q.strip()]
         out: list[list[Hit]] = [[] for _ in queries]
         if not todo:
+            return out
+        if len(todo) == 1:
+            out[todo[0]] = self.search(queries[todo[0]], k)
             return out
         qids = [str(i) for i in todo]
         results = self._get_searcher().batch_search(

@@ -4,11 +4,13 @@ Every query comes with its passages (the reranker's top-k, in order) and one sco
 the passage weights are p(z_j | x) = softmax(scores) (:func:`re2g.models.marginalize.doc_log_weights`).
 
 * **RAG-Sequence** (:func:`rag_sequence_decode`): beam search on every s_j = passage_j [SEP] query
-  (``Generator.generate`` with ``num_return_sequences``), candidates pooled (deduplicated by text), then
+  (the model's ``generate`` with ``num_return_sequences``), candidates pooled (deduplicated by text), then
   each candidate y scored log p(y|x) = log Σ_j p(z_j|x) p(y|s_j):
-  ``thorough`` computes p(y|s_j) for every candidate and every passage (one teacher-forced pass each);
+  ``thorough`` computes p(y|s_j) for every candidate and every passage (teacher-forced);
   ``fast`` (the RAG paper's approximation) computes it only for the passages whose beams produced y
-  and takes p(y|s_j) = 0 elsewhere -- n_docs times fewer scoring passes.
+  and takes p(y|s_j) = 0 elsewhere -- n_docs times fewer scored pairs.
+  Every s_j goes through the encoder once (:func:`encode_sources`): the beam search and the rescoring
+  (the decoder alone, :func:`score_targets`) both read those states, for all queries of a batch at once.
 * **RAG-Token** (:func:`rag_token_generate`): one left-to-right search over the marginal next-token
   distribution log Σ_j p(z_j|x) p(y_t | s_j, y_<t); every hypothesis runs the decoder against all
   n_docs encoder outputs (encoded once). Greedy for ``num_beams=1``, else beam search on summed
@@ -23,6 +25,7 @@ every candidate and its log-probability, and the passages as :class:`ProvenanceP
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -30,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from re2g.models.encoders import eval_mode, title_text
-from re2g.models.generator import decode_text
+from re2g.models.generator import decode_text, decode_texts
 from re2g.models.marginalize import doc_log_weights, marginalize_sequences, marginalize_tokens, sequence_logprobs
 
 # --------------------------------------------------------------------------- results
@@ -172,45 +175,176 @@ def _batched_decode(fn, generator, queries, passages_per_query, doc_scores, **kw
 # --------------------------------------------------------------------------- RAG-Sequence
 
 
+@dataclass(frozen=True)
+class EncodedSources:
+    """Every source s_j of a group of queries through the encoder, once (query-major: row b * n_docs + j
+    is s_j of query b). Beam search and rescoring both read these states instead of encoding again."""
+
+    input_ids: torch.Tensor        # (N, S)  N = B * n_docs
+    attention_mask: torch.Tensor   # (N, S)
+    memory: torch.Tensor           # (N, S, d) the encoder's last hidden state
+    n_docs: int
+
+
+def encode_sources(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]) -> EncodedSources:
+    """Tokenize every s_j (padded to the group's longest) and run the encoder on them once, no gradient.
+    Every query needs the same passage count."""
+    n_docs = len(passages_per_query[0]) if passages_per_query else 0
+    enc = generator.tokenize_sources(generator.build_sources(queries, passages_per_query))
+    ids, mask = enc["input_ids"].to(generator.device), enc["attention_mask"].to(generator.device)
+    with eval_mode(generator), torch.inference_mode():
+        memory = generator.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    return EncodedSources(ids, mask, memory, n_docs)
+
+
+@functools.cache
+def _beam_cache_class():
+    """An ``EncoderDecoderCache`` whose cross-attention part beam search does not reorder.
+
+    At every step the model's beam search reorders the cache by the chosen beams; every beam of one
+    source holds the same cross-attention keys and values (the source's encoder states, copied
+    ``num_beams`` times), so reordering that part copies it onto itself: (N * beams, heads, S, d_head)
+    per layer and step, about a third of a batched search's CPU with the tiny model. The
+    self-attention part is reordered as before, so the search is the same."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class SharedCrossAttentionCache(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return SharedCrossAttentionCache
+
+
+def beam_search(generator, src: EncodedSources, *, num_beams: int, num_return_sequences: int = 1,
+                max_new_tokens: int | None = None) -> list[list[str]]:
+    """Beam search on every source over its encoder states (the model's own ``generate``, which does
+    not encode again when handed them): texts (N, num_return_sequences), best beam first."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    r = int(num_return_sequences)
+    with eval_mode(generator), torch.inference_mode():
+        out = generator.model.generate(
+            input_ids=src.input_ids, attention_mask=src.attention_mask,
+            encoder_outputs=BaseModelOutput(last_hidden_state=src.memory),  # a fresh one: generate expands it in place
+            past_key_values=_beam_cache_class()(DynamicCache(), DynamicCache()),
+            num_beams=max(int(num_beams), r), num_return_sequences=r,
+            max_new_tokens=max_new_tokens or generator.target_max_length,
+            **_copy_kwargs(generator, src.input_ids))   # (N * r, L)
+    texts = decode_texts(generator.tokenizer, out)          # whole characters only
+    return [texts[i * r:(i + 1) * r] for i in range(src.input_ids.shape[0])]
+
+
+def _decoder_start(model) -> int:
+    start = model.config.decoder_start_token_id
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    return start
+
+
+def _copy_kwargs(generator, source_ids: torch.Tensor) -> dict:
+    """What a model call with ``encoder_outputs`` needs besides (``Generator.copy_kwargs``: the source
+    ids (N, S) of a pointer-generator; nothing for another model)."""
+    f = getattr(generator, "copy_kwargs", None)
+    return f(source_ids) if f is not None else {}
+
+
+def score_targets(generator, src: EncodedSources, rows: Sequence[int], targets: Sequence[str], *,
+                  batch_size: int = 128) -> torch.Tensor:
+    """log p(targets[p] | s_{rows[p]}) for every pair p, (P,): teacher-forced, the decoder alone over the
+    encoder states ``src`` (the same numbers as :meth:`Generator.forward_logprobs` summed over the
+    target). ``batch_size`` pairs per decoder pass, each pass cut to its longest source and target.
+    (The cross-attention keys/values are projected per pair: projecting them once per source and
+    gathering them per pair measured slower with the tiny model, the copies costing what it saved.)"""
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+
+    model = generator.model
+    cfg = model.config
+    start = _decoder_start(model)
+    P = len(targets)
+    out = torch.empty(P)
+    if P == 0:
+        return out
+    unique = {t: i for i, t in enumerate(dict.fromkeys(targets))}          # each text tokenized once
+    enc_t = generator.tokenize_targets(list(unique))
+    which = torch.tensor([unique[t] for t in targets], dtype=torch.long)
+    labels_all = enc_t["input_ids"][which].to(generator.device)              # (P, T)
+    tmask_all = enc_t["attention_mask"][which].to(generator.device).bool()   # (P, T)
+    rows_all = torch.as_tensor(list(rows), dtype=torch.long, device=generator.device)
+    with eval_mode(generator), torch.inference_mode():
+        for s in range(0, P, max(1, int(batch_size))):
+            idx = rows_all[s:s + batch_size]
+            tmask = tmask_all[s:s + batch_size]
+            T = int(tmask.any(0).nonzero().max()) + 1                          # targets padded on the right
+            labels, tmask = labels_all[s:s + batch_size, :T], tmask[:, :T]
+            smask, sids = src.attention_mask[idx], src.input_ids[idx]          # (p, S)
+            keep = smask.any(0)                                                # columns some source uses
+            memory = src.memory[idx]
+            if not bool(keep.all()):
+                memory, smask, sids = memory[:, keep], smask[:, keep], sids[:, keep]
+            dec = shift_tokens_right(labels, cfg.pad_token_id, start)           # (p, T)
+            logits = model(encoder_outputs=(memory,), attention_mask=smask, decoder_input_ids=dec,
+                           use_cache=False, **_copy_kwargs(generator, sids)).logits.float()  # (p, T, V)
+            token_lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (p, T)
+            out[s:s + len(idx)] = sequence_logprobs(token_lp[:, None, :], tmask)[:, 0].cpu()
+    return out
+
+
+def _pairs(texts: Sequence[str], origin: torch.Tensor | None, n_docs: int) -> list[tuple[int, int]]:
+    """(candidate, passage) pairs to score: all (thorough), or where ``origin`` (C, n_docs) is True (fast)."""
+    if origin is None:
+        return [(c, j) for c in range(len(texts)) for j in range(n_docs)]
+    return [tuple(p) for p in origin.nonzero().tolist()]
+
+
 def score_candidates(generator, query: str, passages: Sequence[Any], candidates: Sequence[str],
-                     origin: torch.Tensor | None = None, *, batch_size: int = 32) -> torch.Tensor:
+                     origin: torch.Tensor | None = None, *, batch_size: int = 128,
+                     src: EncodedSources | None = None) -> torch.Tensor:
     """log p(y_c | s_j) for every candidate and passage, (C, n_docs).
 
     ``origin`` None (thorough): every pair is scored. ``origin`` (C, n_docs) bool (fast): only the
-    pairs where it is True; the others are -inf (p = 0). Teacher-forced, ``batch_size`` candidates
-    (thorough) or pairs (fast) per forward pass; no gradient.
+    pairs where it is True; the others are -inf (p = 0). Teacher-forced over the sources' encoder
+    states (``src``, else encoded here), ``batch_size`` pairs per decoder pass; no gradient.
     """
     n_docs, C = len(passages), len(candidates)
+    if src is None:
+        src = encode_sources(generator, [query], [list(passages)])
+    pairs = _pairs(candidates, origin, n_docs)
     out = torch.full((C, n_docs), float("-inf"))
-    with eval_mode(generator), torch.inference_mode():
-        if origin is None:
-            for s in range(0, C, batch_size):
-                chunk = list(candidates[s:s + batch_size])
-                enc = generator.tokenize_targets(chunk)
-                lp = generator.forward_logprobs([query] * len(chunk), [list(passages)] * len(chunk), enc)
-                out[s:s + len(chunk)] = sequence_logprobs(lp, enc["attention_mask"].to(lp.device)).float().cpu()
-        else:
-            pairs = origin.nonzero().tolist()                               # [(c, j), ...]
-            for s in range(0, len(pairs), batch_size):
-                chunk = pairs[s:s + batch_size]
-                enc = generator.tokenize_targets([candidates[c] for c, _ in chunk])
-                lp = generator.forward_logprobs([query] * len(chunk), [[passages[j]] for _, j in chunk], enc)
-                seq = sequence_logprobs(lp, enc["attention_mask"].to(lp.device))[:, 0].float().cpu()  # (P,)
-                for (c, j), v in zip(chunk, seq.tolist()):
-                    out[c, j] = v
+    if pairs:
+        lp = score_targets(generator, src, [j for _, j in pairs], [candidates[c] for c, _ in pairs],
+                           batch_size=batch_size)
+        c_idx, j_idx = torch.tensor(pairs).T
+        out[c_idx, j_idx] = lp
     return out
 
 
 def _rag_sequence_group(generator, queries, passages_per_query, scores, *, num_beams, num_return_sequences,
                         max_new_tokens, fast, batch_size) -> list[Answer]:
-    beams = generator.generate(queries, passages_per_query, num_beams=num_beams,
-                               num_return_sequences=num_return_sequences or num_beams,
-                               max_new_tokens=max_new_tokens)               # (B, n_docs, r) texts
+    """Every query of the group at once: one encoder pass over all B * n_docs sources, one beam search,
+    one rescoring of every (query, candidate, passage) pair -- no per-query model call."""
+    src = encode_sources(generator, queries, passages_per_query)
+    n_docs = src.n_docs
+    beams = beam_search(generator, src, num_beams=num_beams, num_return_sequences=num_return_sequences or num_beams,
+                        max_new_tokens=max_new_tokens)                      # (B * n_docs, r) texts
+    pooled = [pool_candidates(beams[b * n_docs:(b + 1) * n_docs]) for b in range(len(queries))]
+    rows: list[int] = []
+    targets: list[str] = []
+    spans: list[tuple[int, list[tuple[int, int]]]] = []
+    for b, (texts, origin) in enumerate(pooled):
+        pairs = _pairs(texts, origin if fast else None, n_docs)
+        spans.append((len(rows), pairs))
+        rows += [b * n_docs + j for _, j in pairs]
+        targets += [texts[c] for c, _ in pairs]
+    lp = score_targets(generator, src, rows, targets, batch_size=batch_size)  # (P,)
     answers = []
     for b, q in enumerate(queries):
-        texts, origin = pool_candidates(beams[b])
-        seq_lp = score_candidates(generator, q, passages_per_query[b], texts, origin if fast else None,
-                                  batch_size=batch_size)                    # (C, n_docs)
+        texts, _ = pooled[b]
+        start, pairs = spans[b]
+        seq_lp = torch.full((len(texts), n_docs), float("-inf"))            # (C, n_docs)
+        if pairs:
+            c_idx, j_idx = torch.tensor(pairs).T
+            seq_lp[c_idx, j_idx] = lp[start:start + len(pairs)]
         cand_lp = marginalize_sequences(seq_lp, scores[b].expand_as(seq_lp))  # (C,)
         answers.append(make_answer(q, list(zip(texts, cand_lp.tolist())), passages_per_query[b],
                                    doc_log_weights(scores[b][None])[0]))
@@ -220,10 +354,12 @@ def _rag_sequence_group(generator, queries, passages_per_query, scores, *, num_b
 def rag_sequence_decode(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]],
                         doc_scores: Any = None, *, num_beams: int = 4, num_return_sequences: int | None = None,
                         max_new_tokens: int | None = None, fast: bool = False,
-                        batch_size: int = 32) -> list[Answer]:
+                        batch_size: int = 128) -> list[Answer]:
     """RAG-Sequence answers: beam search per passage, candidates pooled and rescored (thorough, or
     ``fast``), the best under Σ_j p(z_j|x) p(y|s_j). ``doc_scores``: one score list per query
-    (softmax-normalized here; None: uniform). Queries may have different passage counts."""
+    (softmax-normalized here; None: uniform). Queries may have different passage counts. Each
+    passage count's queries are computed together (:func:`_rag_sequence_group`); ``batch_size``:
+    (candidate, passage) pairs per rescoring pass."""
     return _batched_decode(_rag_sequence_group, generator, list(queries), passages_per_query, doc_scores,
                            num_beams=num_beams, num_return_sequences=num_return_sequences,
                            max_new_tokens=max_new_tokens, fast=fast, batch_size=batch_size)
@@ -274,7 +410,8 @@ def rag_token_generate(generator, queries: Sequence[str], passages_per_query: Se
             src_rows = (q_idx[:, None] * n_docs + torch.arange(n_docs, device=dev)).reshape(-1)  # (H*n_docs,)
             dec = torch.tensor([toks for _, toks, _ in rows], device=dev)              # (H, step+1)
             logits = model(encoder_outputs=(memory[src_rows],), attention_mask=src_mask[src_rows],
-                           decoder_input_ids=dec.repeat_interleave(n_docs, 0), use_cache=False).logits
+                           decoder_input_ids=dec.repeat_interleave(n_docs, 0), use_cache=False,
+                           **_copy_kwargs(generator, src_ids[src_rows])).logits
             lp = torch.log_softmax(logits[:, -1].float(), -1).view(len(rows), n_docs, -1)  # (H, n_docs, V)
             marg = marginalize_tokens(lp, lw[q_idx])                                    # (H, V)
             forced = forced_bos if step == 0 and forced_bos is not None else (
