@@ -137,6 +137,9 @@ class TinyModelConfig(_Strict):
     reranker_exact_match: bool = Field(True, description="tiny reranker: token type 2 on passage tokens that occur "
                                        "in the query (an exact-match feature; from scratch the tiny cross-encoder "
                                        "did not learn lexical matching on the sample task without it)")
+    generator_copy: bool = Field(True, description="tiny generator: a pointer-generator BART that can copy tokens of "
+                                 "its source (re2g.models.pointer); the plain 64-d BART memorized training answers "
+                                 "instead of reading them (gold passage given: dev EM 0.16 vs 0.62 after 400-600 steps)")
 
     @model_validator(mode="after")
     def _heads(self) -> "TinyModelConfig":

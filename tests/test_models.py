@@ -327,6 +327,8 @@ def test_paper_layout_generator(bpe_dir, tmp_path):
     g.tokenizer.save_pretrained(tmp_path / "bart")
     loaded = load_generator(ModelsConfig(generator=str(tmp_path / "bart"), generator_target_max_length=24)).eval()
     assert loaded.target_max_length == 24 and loaded.title_sep == " / " and loaded.query_sep == " // "
+    assert loaded.target_prefix == "" and g.target_prefix == " "   # re2g's own setting is not in a plain HF dir
+    g.target_prefix = ""
     with torch.inference_mode():
         _close(loaded.forward_logprobs(QUERIES, DOCS, TARGETS), g.forward_logprobs(QUERIES, DOCS, TARGETS))
 

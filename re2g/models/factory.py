@@ -65,9 +65,13 @@ def build_tiny_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
                          source_max_length: int = DEFAULT_SOURCE_MAX_LENGTH,
                          target_max_length: int = DEFAULT_TARGET_MAX_LENGTH, **source_format) -> Generator:
     """A ``BartForConditionalGeneration`` of ``tiny_cfg`` sizes (layers each side) over the byte-level
-    BPE tokenizer; pad/bos/eos from the tokenizer, decoder start = eos as in BART.
+    BPE tokenizer; pad/bos/eos from the tokenizer, decoder start = eos as in BART. With
+    ``tiny_cfg.generator_copy`` a pointer-generator BART (:mod:`re2g.models.pointer`). Targets are
+    tokenized with a leading space (``target_prefix``), as the answer's words occur inside passages.
     ``source_format``: ``title_sep`` / ``query_sep`` for :class:`Generator`."""
     from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    from re2g.models.pointer import PointerBartConfig, PointerBartForConditionalGeneration
 
     tok = load_tokenizer(bpe_tokenizer_dir, "BPE tokenizer")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -75,16 +79,19 @@ def build_tiny_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
             raise ConfigError(f"the generator's tokenizer has no {name[:-9]} token (expected BART's <s> <pad> </s>)")
     ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                decoder_start_token_id=tok.eos_token_id)
-    config = BartConfig(vocab_size=len(tok), d_model=tiny_cfg.hidden_size,
+    dropout = tiny_cfg.dropout
+    config_cls, model_cls = ((PointerBartConfig, PointerBartForConditionalGeneration) if tiny_cfg.generator_copy
+                             else (BartConfig, BartForConditionalGeneration))
+    config = config_cls(vocab_size=len(tok), d_model=tiny_cfg.hidden_size,
                         encoder_layers=tiny_cfg.num_layers, decoder_layers=tiny_cfg.num_layers,
                         encoder_attention_heads=tiny_cfg.num_heads, decoder_attention_heads=tiny_cfg.num_heads,
                         encoder_ffn_dim=tiny_cfg.intermediate_size, decoder_ffn_dim=tiny_cfg.intermediate_size,
-                        max_position_embeddings=tiny_cfg.max_position_embeddings, dropout=tiny_cfg.dropout,
-                        attention_dropout=tiny_cfg.dropout, activation_dropout=tiny_cfg.dropout, **ids)
-    model = BartForConditionalGeneration(config)
+                        max_position_embeddings=tiny_cfg.max_position_embeddings, dropout=dropout,
+                        attention_dropout=dropout, activation_dropout=dropout, **ids)
+    model = model_cls(config)
     model.generation_config = GenerationConfig(forced_eos_token_id=tok.eos_token_id, **ids)
     return Generator(model, tok, source_max_length=source_max_length, target_max_length=target_max_length,
-                     **source_format)
+                     target_prefix=" ", **source_format)
 
 
 # --------------------------------------------------------------------------- from a ModelsConfig

@@ -10,8 +10,17 @@ padding; the marginalization over passages (RAG-Sequence / RAG-Token, weighted b
 scores) is built on it elsewhere. Targets are tokenized as BART labels (``<s> … </s>``) and the
 decoder is fed them shifted right, exactly as ``BartForConditionalGeneration(labels=...)`` does.
 
+``target_prefix`` is put before every target when it is tokenized (the tiny generator's: a space).
+A byte-level BPE tokenizes a word inside a passage with its leading space (``Ġ1867``) and the same
+word at the start of a target without (``1867``): two different tokens, so a reader could not copy an
+answer token from the passage. Decoded answers are stripped, so the prefix never shows.
+
+The model may be a :class:`~re2g.models.pointer.PointerBartForConditionalGeneration` (the tiny
+generator's default: a BART that can copy from its source); :meth:`Generator.copy_kwargs` gives what
+a hand-written decoding loop must pass it besides ``encoder_outputs``.
+
 Saved layout: the Hugging Face model and tokenizer files in the directory itself + ``re2g_model.json``
-(separators and lengths).
+(separators, lengths, target prefix).
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ class Generator(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, title_sep: str = DEFAULT_TITLE_SEP,
                  query_sep: str = DEFAULT_QUERY_SEP, source_max_length: int = DEFAULT_SOURCE_MAX_LENGTH,
-                 target_max_length: int = DEFAULT_TARGET_MAX_LENGTH):
+                 target_max_length: int = DEFAULT_TARGET_MAX_LENGTH, target_prefix: str = ""):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -70,6 +79,7 @@ class Generator(torch.nn.Module):
         self.query_sep = query_sep
         self.source_max_length = int(source_max_length)
         self.target_max_length = int(target_max_length)
+        self.target_prefix = target_prefix
 
     @property
     def device(self) -> torch.device:
@@ -96,8 +106,15 @@ class Generator(torch.nn.Module):
 
     def tokenize_targets(self, targets: Sequence[str], max_length: int | None = None):
         """``BatchEncoding`` input_ids/attention_mask (B, T): the labels and the target mask."""
-        return self.tokenizer(text_target=list(targets), max_length=max_length or self.target_max_length,
+        return self.tokenizer(text_target=[self.target_prefix + t for t in targets], max_length=max_length or self.target_max_length,
                               truncation=True, padding=True, return_tensors="pt")
+
+    def copy_kwargs(self, source_ids: torch.Tensor) -> dict:
+        """What a call of the model with ``encoder_outputs`` (no ``input_ids``) needs besides: the source
+        ids (N, S) for a pointer-generator, nothing for any other model."""
+        from re2g.models.pointer import is_pointer
+
+        return {"source_ids": source_ids} if is_pointer(self.model) else {}
 
     # ---- scoring
 
@@ -163,14 +180,17 @@ class Generator(torch.nn.Module):
         self.tokenizer.save_pretrained(d)
         write_model_meta(d, {"kind": "generator", "title_sep": self.title_sep, "query_sep": self.query_sep,
                              "source_max_length": self.source_max_length,
-                             "target_max_length": self.target_max_length})
+                             "target_max_length": self.target_max_length, "target_prefix": self.target_prefix})
         return d
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: Any = None, **overrides) -> "Generator":
         """Load from a hub name (``facebook/bart-large``) or a local directory; ``overrides``
-        (title_sep, query_sep, source_max_length, target_max_length) win over the saved values."""
+        (title_sep, query_sep, source_max_length, target_max_length, target_prefix) win over the saved
+        values (a directory saved before ``target_prefix`` existed: no prefix)."""
         from transformers import AutoModelForSeq2SeqLM
+
+        import re2g.models.pointer  # noqa: F401  (registers the pointer-generator BART with the Auto classes)
 
         src = check_source(name_or_path, "generator")
         meta = read_model_meta(src) if Path(src).is_dir() else None
@@ -182,7 +202,7 @@ class Generator(torch.nn.Module):
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{src}: cannot load the generator: {e}") from None
         tok = load_tokenizer(tokenizer if tokenizer is not None else src, "generator tokenizer")
-        keys = ("title_sep", "query_sep", "source_max_length", "target_max_length")
+        keys = ("title_sep", "query_sep", "source_max_length", "target_max_length", "target_prefix")
         kwargs = {k: meta[k] for k in keys if meta and k in meta}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model, tok, **kwargs)
