@@ -13,6 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGe
 from re2g.models.pointer import PointerBartConfig, PointerBartForConditionalGeneration, copy_distribution
 
 PAD, BOS, EOS = 1, 0, 2
+STEPS = 80
 IDS = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, decoder_start_token_id=EOS)
 
 
@@ -106,12 +107,12 @@ def _copy_task(rng: random.Random, answers: list[int], n: int):
 
 @pytest.mark.parametrize("copy", [True, False], ids=["pointer", "plain"])
 def test_copies_answers_never_seen_as_targets(copy):
-    """Answers 12..29 in training, 30..39 only at test: the pointer-generator copies them after 150
+    """Answers 12..29 in training, 30..39 only at test: the pointer-generator copies them after STEPS
     steps (plain BART cannot produce a token it was only ever shown in its input)."""
     rng = random.Random(0)
     m = _model() if copy else _model(BartForConditionalGeneration, BartConfig)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(STEPS):
         src, tgt = _copy_task(rng, list(range(12, 30)), 32)
         loss = -m(input_ids=src, attention_mask=torch.ones_like(src), labels=tgt).logits.log_softmax(-1) \
             .gather(-1, tgt[..., None]).mean()
