@@ -14,7 +14,18 @@ from rich.console import Console
 
 from re2g.errors import Re2GError
 
-app = typer.Typer(
+class _Re2G(typer.Typer):
+    """The ``re2g`` app: every command runs inside :func:`re2g.runtime.clean_stops` (Ctrl-C and
+    SIGTERM: one line, Serve and Ray shut down, exit 130 / 143)."""
+
+    def __call__(self, *args, **kwargs):
+        from re2g.runtime import clean_stops
+
+        with clean_stops():
+            return super().__call__(*args, **kwargs)
+
+
+app = _Re2G(
     name="re2g",
     help="Retrieve, Rerank, Generate (Re2G) on Ray: data, indexing, training, evaluation and serving.",
     no_args_is_help=True,
@@ -430,22 +441,30 @@ def _sample_questions(examples: list, n: int = QUESTIONS_TO_ASK) -> list:
 
 def _serve_and_ask(run_dir: str, cfg, *, keep: bool) -> None:
     """Start the Serve app on the run, answer three dev questions over HTTP, then keep serving (or stop)."""
-    import json as _json
+    from ray import serve
+    from re2g.runtime import on_stop
+    from serve.app import bind_app
+    from serve.proxy import start_serve
+
+    s = cfg.serve
+    start_serve({"host": s.host, "port": s.port}, s)  # with the proxy that resends a request whose ingress died
+    with on_stop("Serve", serve.shutdown):   # at the end, or first thing at Ctrl-C / SIGTERM
+        serve.run(bind_app(run_dir, cfg), name=s.app_name, route_prefix=s.route_prefix)
+        _ask(run_dir, cfg, keep=keep)
+
+
+def _ask(run_dir: str, cfg, *, keep: bool) -> None:
+    """Three dev questions over HTTP, then (``keep``) wait for Ctrl-C."""
     import time as _time
 
     import httpx
-    from ray import serve
     from rich.table import Table
 
     from re2g.data.kilt import read_kilt
     from re2g.data.sample import task_file
-    from serve.app import bind_app
-    from serve.proxy import start_serve
 
     out = Console()
     s = cfg.serve
-    start_serve({"host": s.host, "port": s.port}, s)  # with the proxy that resends a request whose ingress died
-    serve.run(bind_app(run_dir, cfg), name=s.app_name, route_prefix=s.route_prefix)
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     for ex in _sample_questions(read_kilt(str(Path(run_dir) / "sample" / task_file(cfg.train.task, "dev")))):
         r = httpx.post(f"{url}/v1/answer", json={"query": ex.input}, timeout=120)
@@ -461,14 +480,10 @@ def _serve_and_ask(run_dir: str, cfg, *, keep: bool) -> None:
             t.add_row(p["pid"], p["title"], p["source"], f"{p.get('rerank_score', 0):.2f}")
         out.print(t)
     if not keep:
-        serve.shutdown()
         return
     out.print(f"[bold green]serving[/] {url}/ (web page)  {url}/docs (API)  — Ctrl-C to stop")
-    try:
-        while True:
-            _time.sleep(1.0)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    while True:
+        _time.sleep(1.0)
 
 
 @app.command()
@@ -495,7 +510,9 @@ def quickstart(
     real MiniLM weights on real Wikipedia text, zero-shot retrieval first, the retrieval side only."""
     from re2g.eval.report import stages_table, write_report
     from re2g.quickstart import run_quickstart
-    from re2g.runtime import connect_ray, log_dir_for
+    from re2g.runtime import connect_ray, log_dir_for, stop_note
+
+    stop_note("finished steps are kept: the next run resumes")
 
     try:
         tiny = config is None and preset in (None, "tiny")

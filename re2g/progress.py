@@ -52,6 +52,11 @@ def use_console(console: Console) -> None:
         _driver_pid = os.getpid()
 
 
+def close_display() -> None:
+    """Take the live bars off the terminal now (a stop prints its line where they were)."""
+    _display.close()
+
+
 def show_ray_data() -> None:
     """Show this process's Ray Data executions (``connect_ray`` calls it)."""
     global _driver_pid
@@ -316,6 +321,13 @@ def _rows_expected(op) -> int | None:
     return None
 
 
+def _stopping() -> bool:
+    """Whether Ctrl-C or SIGTERM is stopping this process (``re2g.runtime.clean_stops``)."""
+    from re2g.runtime import stopping
+
+    return stopping()
+
+
 try:  # Ray Data's execution callbacks (DataContext.custom_execution_callback_classes)
     from ray.data._internal.execution.execution_callback import ExecutionCallback as _Callback
 except Exception:  # pragma: no cover - Ray Data missing or reorganized: no Ray Data lines
@@ -359,7 +371,7 @@ class RayDataProgress(_Callback):
         summary = None
         if took >= SUMMARY_MIN_S or not ok:
             summary = (f"{self.label}: {done}" + (f"/{total}" if total else "") + f" rows in {_fmt_s(took)}"
-                       + ("" if ok else " (failed)"))
+                       + ("" if ok else " (stopped)" if _stopping() else " (failed)"))
         tid, self.tid = self.tid, None
         _display.finish(tid, summary)
 

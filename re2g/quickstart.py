@@ -383,19 +383,28 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
             stages.append({"name": step.name, "metric": "not available in this version", "skipped": True})
             continue
         marker = _marker(ctx, step)
-        done = marker.exists() and json.loads(marker.read_text()).get("config") == h \
+        try:
+            saved = json.loads(marker.read_text())
+        except (OSError, ValueError):  # none, or unreadable: the step is redone
+            saved = None
+        done = isinstance(saved, dict) and saved.get("config") == h and isinstance(saved.get("result"), dict) \
             and all(Path(p).exists() for p in step.outputs(ctx))
         console.rule(f"[bold]{i}/{len(STEPS)} {step.title}" + (" (done before, skipped)" if done else ""))
         if done:
-            result = json.loads(marker.read_text())["result"]
+            result = saved["result"]
             seconds, skipped = result.get("_seconds"), True
         else:
+            # no marker while the step runs: a step stopped half-way (Ctrl-C, SIGTERM, a crash) is
+            # redone by the next run, never taken as finished on an older marker's word
+            marker.unlink(missing_ok=True)
             t0 = time.time()
             result = step.run(ctx)
             seconds, skipped = round(time.time() - t0, 1), False
             result["_seconds"] = seconds
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"config": h, "result": result}, default=str))
+            tmp = marker.with_name(f".{marker.name}.tmp")   # written whole, then renamed into place
+            tmp.write_text(json.dumps({"config": h, "result": result}, default=str))
+            tmp.replace(marker)
         ctx.results[step.name] = result
         stages.append({"name": step.name, "metric": result.get("metric", ""), "before": result.get("before"),
                        "after": result.get("after"), "seconds": seconds, "skipped": skipped})

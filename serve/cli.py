@@ -2,8 +2,9 @@
 
 ``serve_command`` starts (or joins, with ``RAY_ADDRESS`` / ``ray.address``) Ray, starts Serve's HTTP
 proxy on ``serve.host:serve.port``, deploys the application of :mod:`serve.app` for the run directory,
-prints the URLs and blocks until Ctrl-C; then it removes the application (and the whole Serve instance
-when Ray was started here).
+prints the URLs and blocks until Ctrl-C or SIGTERM; then it removes the application (and the whole
+Serve instance when Ray was started here), shuts Ray down and exits with 130 / 143
+(``re2g.runtime.clean_stops``).
 
 ``python -m serve.cli write-config [PATH]`` regenerates ``serve/config.yaml``: it runs ``serve build
 serve.app:app`` (Serve's own generator, on the app with default settings) and points the application
@@ -100,7 +101,7 @@ def serve_command(
     from rich.console import Console
 
     from re2g.errors import Re2GError
-    from re2g.runtime import connect_ray, log_dir_for, log_hint, quiet_env
+    from re2g.runtime import connect_ray, log_dir_for, log_hint, on_stop, quiet_env
 
     console = Console(stderr=True)
     quiet_env()
@@ -132,24 +133,21 @@ def serve_command(
 
     start_serve({"host": s.host, "port": s.port}, s)     # + the proxy's resend and JSON errors
     api_key = resolve_api_key(s)
-    try:
-        serve.run(bind_app(run, cfg, api_key=api_key), name=s.app_name, route_prefix=s.route_prefix)
-    except Exception as e:  # a replica failed to start: its error is in the message
-        console.print(f"[bold red]error:[/] the application did not start: {e}{log_hint()}", highlight=False)
-        _stop(serve, s.app_name, own_ray, run, stop_shard_actors)
-        raise typer.Exit(code=1)
-    url = _urls(s.host, s.port, s.route_prefix)
-    print(f"serving {url}/  (web page)   {url}/docs  (API reference)   {url}/healthz", flush=True)
-    print(f"try: curl -s {url}/v1/answer -d '{{\"query\": \"...\"}}'"
-          + (f" -H '{s.api_key_header}: $KEY'" if api_key else ""), flush=True)
-    print("Ctrl-C to stop", flush=True)
-    try:
+    # Serve stops when this block is left; at Ctrl-C / SIGTERM first thing in re2g's bounded stop
+    # (re2g.runtime.clean_stops: one line, then this, then Ray's shutdown, exit 130 / 143)
+    with on_stop("Serve", lambda: _stop(serve, s.app_name, own_ray, run, stop_shard_actors)):
+        try:
+            serve.run(bind_app(run, cfg, api_key=api_key), name=s.app_name, route_prefix=s.route_prefix)
+        except Exception as e:  # a replica failed to start: its error is in the message
+            console.print(f"[bold red]error:[/] the application did not start: {e}{log_hint()}", highlight=False)
+            raise typer.Exit(code=1)
+        url = _urls(s.host, s.port, s.route_prefix)
+        print(f"serving {url}/  (web page)   {url}/docs  (API reference)   {url}/healthz", flush=True)
+        print(f"try: curl -s {url}/v1/answer -d '{{\"query\": \"...\"}}'"
+              + (f" -H '{s.api_key_header}: $KEY'" if api_key else ""), flush=True)
+        print("Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        _stop(serve, s.app_name, own_ray, run, stop_shard_actors)
 
 
 def _stop(serve, app_name: str, own_ray: bool, run_dir: str, stop_shard_actors) -> None:
