@@ -280,6 +280,12 @@ def test_on_stop_cleans_up_like_finally_when_nothing_stops():
     assert calls[-1] == "stopped again"
 
 
+def _python(script: str, *, timeout: float) -> subprocess.CompletedProcess:
+    """``script`` run by this Python in the repository root, output captured."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=ROOT)
+
+
 def test_a_stop_exits_with_its_code_after_the_cleanup(tmp_path):
     """SIGTERM in the middle of a block (no Ray): the line, the clean-up, exit 143."""
     script = (
@@ -291,8 +297,7 @@ def test_a_stop_exits_with_its_code_after_the_cleanup(tmp_path):
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "        time.sleep(30)\n"
         "print('not reached')\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=_env(),
-                       cwd=ROOT)
+    p = _python(script, timeout=60)
     assert p.returncode == 143, p.stdout + p.stderr
     assert p.stdout == "cleaned\n"
     assert "terminated: stopping Thing… (a note)" in p.stderr and "Traceback" not in p.stderr
@@ -318,8 +323,7 @@ def test_a_jvm_in_process_leaves_sigterm_to_python(tmp_path):
         "    autoclass('java.lang.System').getProperty('java.version')\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=_env(),
-                       cwd=ROOT)
+    p = _python(script, timeout=120)
     assert p.returncode == 143, p.stdout + p.stderr   # (the JVM's own handler exits with 143 too:)
     assert "terminated: stopped" in p.stderr
 
