@@ -45,6 +45,7 @@ from fsspec.core import url_to_fs
 from fsspec.utils import infer_compression
 
 from re2g.config import PassageConfig
+from re2g.types import PID_PATTERN
 from re2g.data.kilt import (
     DUPLICATE_ID,
     KnowledgePage,
@@ -64,7 +65,7 @@ DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
-_PID_RE = re.compile(r"^(?P<wid>.+)::\[(?P<start>\d+),(?P<end>\d+)\](?:#(?P<piece>[1-9]\d*))?$", re.S)
+_PID_RE = PID_PATTERN
 
 
 # --------------------------------------------------------------------------- ids

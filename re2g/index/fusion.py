@@ -101,6 +101,25 @@ def linear(dpr: Sequence[Hit], bm25: Sequence[Hit], w: float = 0.5, top_k: int |
     return [replace(first[p], score=fused[p], rank=r) for r, p in enumerate(order)]
 
 
+def retrieve_k(cfg: RetrievalConfig, *, dense: bool, bm25: bool) -> int:
+    """How many candidates a query gets before reranking: ``dpr_top_k`` when a dense index is searched
+    plus ``bm25_top_k`` when BM25 is. The one place this is decided (pipeline, Serve, training)."""
+    return (cfg.dpr_top_k if dense else 0) + (cfg.bm25_top_k if bm25 else 0)
+
+
+def fuse(cfg: RetrievalConfig, dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
+    """One query's DPR and BM25 lists fused as ``cfg.fusion`` says (``concat``: :func:`concat_dedup`,
+    ``rrf``, ``linear``), each part cut to its own ``dpr_top_k`` / ``bm25_top_k``, the result to ``k``
+    (default ``dpr_top_k + bm25_top_k``). Training (stages 2-4), the pipeline and Serve all call this."""
+    if k is None:
+        k = cfg.dpr_top_k + cfg.bm25_top_k
+    if cfg.fusion == "concat":
+        return concat_dedup(dpr_hits, bm25_hits, cfg.dpr_top_k, cfg.bm25_top_k)[:k]
+    if cfg.fusion == "rrf":
+        return rrf([dpr_hits[:cfg.dpr_top_k], bm25_hits[:cfg.bm25_top_k]], k=cfg.rrf_k, top_k=k)
+    return linear(dpr_hits[:cfg.dpr_top_k], bm25_hits[:cfg.bm25_top_k], cfg.linear_dpr_weight, top_k=k)
+
+
 class Retriever(Protocol):
     def search(self, query: str, k: int) -> list[Hit]: ...
 
@@ -120,15 +139,8 @@ class HybridRetriever:
         self.cfg = cfg or RetrievalConfig()
 
     def fuse(self, dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
-        """Fuse one query's two lists per the config."""
-        c = self.cfg
-        if k is None:
-            k = c.dpr_top_k + c.bm25_top_k
-        if c.fusion == "concat":
-            return concat_dedup(dpr_hits, bm25_hits, c.dpr_top_k, c.bm25_top_k)[:k]
-        if c.fusion == "rrf":
-            return rrf([dpr_hits[:c.dpr_top_k], bm25_hits[:c.bm25_top_k]], k=c.rrf_k, top_k=k)
-        return linear(dpr_hits[:c.dpr_top_k], bm25_hits[:c.bm25_top_k], c.linear_dpr_weight, top_k=k)
+        """Fuse one query's two lists per the config (:func:`fuse`)."""
+        return fuse(self.cfg, dpr_hits, bm25_hits, k)
 
     def search(self, query: str, k: int | None = None) -> list[Hit]:
         """Fused hits for one query."""
