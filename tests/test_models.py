@@ -213,6 +213,27 @@ def test_reranker_tiny_scores_and_round_trip(wp_dir, tmp_path):
     assert rr.score_pairs([], [], []).shape == (0,)
 
 
+def test_reranker_score_lists_pads_ragged_lists(wp_dir):
+    """``score_lists``: each query against its own list (lengths 3, 1, 0), padded with a mask; the
+    real entries equal ``score_pairs`` of the same pairs, whatever the batch size; gradient flows."""
+    torch.manual_seed(0)
+    rr = build_tiny_reranker(wp_dir, TINY).eval()
+    lists = [list(zip(TITLES, TEXTS)), [Passage(pid="x", title=TITLES[1], text=TEXTS[1])], []]
+    queries = [QUERIES[0], QUERIES[1], QUERIES[0]]
+    z, mask = rr.score_lists(queries, lists)
+    assert z.shape == mask.shape == (3, 3) and mask.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+    with torch.inference_mode():
+        ref = rr.score_pairs([QUERIES[0]] * 3 + [QUERIES[1]], TITLES + [TITLES[1]], TEXTS + [TEXTS[1]])
+        small, _ = rr.score_lists(queries, lists, batch_size=2)
+    _close(z[mask].detach(), ref, 1e-5)
+    _close(small[mask], ref, 1e-5)
+    assert z[~mask].tolist() == [0.0] * 5
+    z[mask].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in rr.parameters())
+    empty, em = rr.score_lists([], [])
+    assert empty.shape == em.shape == (0, 0)
+
+
 def test_reranker_exact_match_token_type(wp_dir, tmp_path):
     """Tiny rerankers mark passage tokens that occur in the query with token type 2 (special tokens,
     query tokens and padding keep their type); a 2-type model (a real checkpoint) keeps BERT's types."""

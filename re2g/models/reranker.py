@@ -40,6 +40,32 @@ def passage_side(title: str, text: str) -> str:
     return f"{title} {text}" if title else text
 
 
+def lengths_mask(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, C) bool, True on the first ``lengths[b]`` entries of row b; C = max(lengths) (0 when none)."""
+    n = torch.as_tensor(list(lengths), dtype=torch.long, device=device).reshape(-1)   # (B,)
+    width = int(n.max()) if n.numel() else 0
+    return torch.arange(width, device=device)[None, :] < n[:, None]
+
+
+def rerank_top(z: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reranker's top-``k`` of each row: positions (B, k') sorted by ``z`` descending (ties keep
+    list order), real entries first, and their mask (B, k'); k' = min(k, longest row's real count).
+    A row with fewer than ``k`` real entries keeps all of them (its tail is masked), so a row's result
+    never depends on the other rows of the batch. No gradient (positions only).
+
+    (B, C) float, (B, C) bool -> (B, k') long, (B, k') bool
+    """
+    mask = mask.bool()
+    by_score = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices    # (B, C)
+    real_first = torch.sort(mask.gather(1, by_score).to(torch.uint8), dim=-1, descending=True,
+                            stable=True).indices                                   # (B, C)
+    order = by_score.gather(1, real_first)                                         # (B, C)
+    count = mask.sum(-1)                                                           # (B,)
+    width = min(int(k), int(count.max()) if count.numel() else 0)
+    top = order[:, :width]                                                         # (B, k')
+    return top, torch.arange(width, device=z.device)[None, :] < count[:, None]
+
+
 class CrossEncoder(torch.nn.Module):
     """Scores (query, passage) pairs with a ``*ForSequenceClassification`` model of 1 or 2 labels."""
 
@@ -125,6 +151,23 @@ class CrossEncoder(torch.nn.Module):
         pairs = [title_text(p) for p in passages]
         return self.score_pairs([query] * len(pairs), [t for t, _ in pairs], [x for _, x in pairs],
                                 batch_size=batch_size, max_length=max_length)
+
+    def score_lists(self, queries: Sequence[str], candidate_lists: Sequence[Sequence[Any]], *,
+                    batch_size: int | None = None, max_length: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of each query against its own list of passages (lists of any lengths, passages as
+        :meth:`score` takes them), padded: z (B, C) float with 0 on padding and mask (B, C) bool,
+        C the longest list. The pairs are scored by :meth:`score_pairs` (same ``batch_size`` meaning);
+        differentiable when gradients are on."""
+        if len(queries) != len(candidate_lists):
+            raise ValueError(f"{len(queries)} queries for {len(candidate_lists)} candidate lists")
+        lengths = [len(c) for c in candidate_lists]
+        pairs = [title_text(p) for c in candidate_lists for p in c]
+        flat_q = [q for q, n in zip(queries, lengths) for _ in range(n)]
+        z = self.score_pairs(flat_q, [t for t, _ in pairs], [x for _, x in pairs],
+                             batch_size=batch_size, max_length=max_length)  # (n,)
+        mask = lengths_mask(lengths, device=z.device)                        # (B, C)
+        return torch.zeros(mask.shape, dtype=z.dtype, device=z.device).masked_scatter(mask, z), mask
 
     # ---- save / load
 
