@@ -14,7 +14,9 @@ any training, so the report shows what stage 1 and the reranker add to real weig
 ``quickstart.skip`` leaves steps out (the ``small`` preset: the generator side, whose reader is
 still tiny). A step whose outputs exist for the same config is skipped (so a second run resumes
 where the first stopped); ``fresh=True`` starts over. Each step's result is kept in
-``RUN_DIR/.quickstart/``.
+``RUN_DIR/.quickstart/STEP.json`` (``{"config": <config hash>, "result": {...}}``, written whole by
+:func:`re2g.artifacts.write_json_atomic`): a resume marker, not an artifact, so it has no manifest of
+its own; what a step made is checked by its outputs' manifests when they are loaded.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from re2g.artifacts import read_json, write_json_atomic
 from re2g.config import Re2GConfig, save_config
 from re2g.errors import ConfigError
 from re2g.layout import RunLayout, join
@@ -383,10 +386,7 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
             stages.append({"name": step.name, "metric": "not available in this version", "skipped": True})
             continue
         marker = _marker(ctx, step)
-        try:
-            saved = json.loads(marker.read_text())
-        except (OSError, ValueError):  # none, or unreadable: the step is redone
-            saved = None
+        saved = read_json(marker)  # None when there is none, or it is unreadable: the step is redone
         done = isinstance(saved, dict) and saved.get("config") == h and isinstance(saved.get("result"), dict) \
             and all(Path(p).exists() for p in step.outputs(ctx))
         console.rule(f"[bold]{i}/{len(STEPS)} {step.title}" + (" (done before, skipped)" if done else ""))
@@ -401,10 +401,7 @@ def run_quickstart(cfg: Re2GConfig, *, console: Console | None = None, fresh: bo
             result = step.run(ctx)
             seconds, skipped = round(time.time() - t0, 1), False
             result["_seconds"] = seconds
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(f".{marker.name}.tmp")   # written whole, then renamed into place
-            tmp.write_text(json.dumps({"config": h, "result": result}, default=str))
-            tmp.replace(marker)
+            write_json_atomic(marker, {"config": h, "result": result}, indent=None, default=str)
         ctx.results[step.name] = result
         stages.append({"name": step.name, "metric": result.get("metric", ""), "before": result.get("before"),
                        "after": result.get("after"), "seconds": seconds, "skipped": skipped})

@@ -7,9 +7,10 @@ files. A job whose run directory is remote therefore works on a local mirror:
    with the same size are kept, so a second job on the same node downloads nothing);
 2. the job runs on the mirror (every path under the remote run directory is mapped to the mirror
    by :meth:`RunDirMirror.localize`);
-3. :meth:`RunDirMirror.push` uploads what is new or changed, commit markers (``manifest.json``,
-   ``_embeddings.json``, ``re2g_model.json``, ...) last, so a crash mid-upload never leaves an
-   artifact whose marker says it is complete.
+3. :meth:`RunDirMirror.push` uploads what is new or changed, commit markers (every artifact's
+   manifest file, :data:`re2g.artifacts.MANIFEST_FILES`, and ``config.yaml``, ``eval.json``) last, so
+   a crash mid-upload never leaves an artifact whose marker says it is complete; temporary build
+   directories and files (:data:`re2g.artifacts.TEMP_NAME`) are never uploaded.
 
 ``file://`` URIs are plain local paths and need no mirror (:func:`to_local_path`).
 """
@@ -21,9 +22,10 @@ import os
 import time
 from pathlib import Path
 
+from re2g.artifacts import MANIFEST_FILES, TEMP_NAME, replace_dir  # noqa: F401  (replace_dir: re-exported)
+
 # Files that say "this artifact is complete"; uploaded after everything else.
-COMMIT_MARKERS = frozenset({"manifest.json", "_manifest.json", "_embeddings.json", "re2g_model.json",
-                            "re2g_bm25.json", "sample.json", "eval.json", "config.yaml"})
+COMMIT_MARKERS = MANIFEST_FILES | {"eval.json", "config.yaml"}
 
 
 def is_remote(uri: str) -> bool:
@@ -96,8 +98,9 @@ class RunDirMirror:
             if not p.is_file() or p.name.endswith(".part"):
                 continue
             rel = p.relative_to(self.local).as_posix()
-            if rel.split("/")[0].startswith(".") and rel.split("/")[0] != ".quickstart":
-                continue  # temporary build directories
+            parts = rel.split("/")
+            if any(TEMP_NAME.match(part) for part in parts) or (parts[0].startswith(".") and parts[0] != ".quickstart"):
+                continue  # temporary build directories and files
             st = p.stat()
             if remote.get(rel) == st.st_size and st.st_mtime <= self._pulled_at:
                 continue
@@ -109,18 +112,3 @@ class RunDirMirror:
             self.fs.put_file(str(Path(self.local, rel)), dst)
         return len(changed)
 
-
-def replace_dir(tmp: str | Path, out: str | Path) -> None:
-    """Move a finished directory ``tmp`` to ``out``: renamed into place, an existing ``out`` first
-    renamed aside and removed after, so a reader never sees a half-written directory at ``out``."""
-    import shutil
-    import uuid
-
-    tmp, out = Path(tmp), Path(out)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

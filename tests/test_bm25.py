@@ -144,7 +144,8 @@ def test_build_writes_manifest(built):
     assert isinstance(info, BM25IndexInfo)
     assert info.count == 2 * len(ENTITIES) and info.skipped_empty == 0
     manifest = json.loads((root / "index" / MANIFEST_NAME).read_text())
-    assert manifest["count"] == info.count
+    assert (manifest["kind"], manifest["version"]) == ("bm25-index", 2)
+    assert manifest["counts"] == {"passages": info.count, "skipped_empty": 0}
     assert (manifest["k1"], manifest["b"]) == (0.9, 0.4)
     assert manifest["passages_path"] == str(passages.resolve())
     assert manifest["build_seconds"] > 0
@@ -169,7 +170,7 @@ def test_crash_mid_build_leaves_nothing(tmp_path, monkeypatch):
     passages = _write_passages(tmp_path / "p.parquet", _rows())
 
     def crash(collection_dir, index_dir, **kw):
-        index_dir.mkdir()
+        index_dir.mkdir(exist_ok=True)
         (index_dir / "_0.fdt").write_bytes(b"half a segment")
         raise RuntimeError("killed mid-build")
 
@@ -183,6 +184,7 @@ def test_existing_index_needs_overwrite(built, tmp_path):
     root, passages, _ = built
     out = tmp_path / "index"
     out.mkdir()
+    (out / "segments_1").write_bytes(b"")  # an existing index (an empty directory is fine to build into)
     with pytest.raises(ArtifactError, match="overwrite"):
         build_bm25_index(passages, out)
 

@@ -13,7 +13,7 @@ import pytest
 
 from re2g.config import IndexConfig
 from re2g.errors import ArtifactError, DataFormatError
-from re2g.index import dense
+from re2g.index import dense, dense_build
 from re2g.index.dense import (
     DenseIndex,
     DenseRetriever,
@@ -183,7 +183,8 @@ def test_manifest_contents(flat_sharded, data):
     assert m["transform"]["max_norm_sq"] == pytest.approx(float((data["X"].astype(np.float64) ** 2).sum(1).max()))
     assert m["encoder_fingerprint"] == FP and m["total_count"] == N and len(m["shards"]) == 3
     assert [s["count"] for s in m["shards"]] == [1000, 1000, 1000]
-    assert all(len(s["sha256"]) == 64 for s in m["shards"])
+    files = [s[k] for s in m["shards"] for k in ("file", "pid_file", "vectors_file")]
+    assert sorted(m["checksums"]) == sorted(files) and all(len(v) == 64 for v in m["checksums"].values())
     assert (Path(flat_sharded.path) / "config.yaml").is_file()
 
 
@@ -194,7 +195,8 @@ def test_build_with_ray_tasks_equals_in_process(data, tmp_path, ray_local):
     c = cfg(num_shards=2, hnsw_m=8, ef_construction=40)
     a = build_dense_index(data["emb"], tmp_path / "ray", c, encoder_fingerprint=FP, use_ray=True)
     b = build_dense_index(data["emb"], tmp_path / "local", c, encoder_fingerprint=FP, use_ray=False)
-    assert a.manifest["shards"] == b.manifest["shards"]  # same files, byte for byte (sha256)
+    assert a.manifest["shards"] == b.manifest["shards"]
+    assert a.manifest["checksums"] == b.manifest["checksums"]  # same files, byte for byte (sha256)
     ra = DenseIndex.load(a.path).search_vectors(data["Q"], 10)
     rb = DenseIndex.load(b.path).search_vectors(data["Q"], 10)
     assert ra == rb
@@ -291,14 +293,14 @@ def _no_leftovers(parent: Path, name: str) -> bool:
 
 
 def test_failed_build_leaves_nothing_loadable(data, tmp_path, monkeypatch):
-    real = dense.build_shard
+    real = dense_build.build_shard
 
     def crash_on_shard_1(*args):
         if args[5] == 1:  # shard_id
             raise RuntimeError("simulated crash mid-build")
         return real(*args)
 
-    monkeypatch.setattr(dense, "build_shard", crash_on_shard_1)
+    monkeypatch.setattr(dense_build, "build_shard", crash_on_shard_1)
     out = tmp_path / "idx"
     with pytest.raises(RuntimeError, match="simulated"):
         build_dense_index(data["emb"], out, cfg(exact=True), encoder_fingerprint=FP, use_ray=False)
@@ -306,9 +308,9 @@ def test_failed_build_leaves_nothing_loadable(data, tmp_path, monkeypatch):
     with pytest.raises(ArtifactError):
         DenseIndex.load(out)
     # an existing index survives a failed overwrite untouched
-    monkeypatch.setattr(dense, "build_shard", real)
+    monkeypatch.setattr(dense_build, "build_shard", real)
     good = build_dense_index(data["emb"], out, cfg(exact=True), encoder_fingerprint=FP, use_ray=False)
-    monkeypatch.setattr(dense, "build_shard", crash_on_shard_1)
+    monkeypatch.setattr(dense_build, "build_shard", crash_on_shard_1)
     with pytest.raises(RuntimeError):
         build_dense_index(data["emb"], out, cfg(exact=True), encoder_fingerprint="new", overwrite=True,
                           use_ray=False)
@@ -320,7 +322,7 @@ def test_failed_ray_build_after_shards_leaves_nothing(data, tmp_path, monkeypatc
     def boom(*a, **k):
         raise OSError("disk full while writing the manifest")
 
-    monkeypatch.setattr(dense, "_write_manifest", boom)
+    monkeypatch.setattr(dense_build, "write_manifest", boom)
     out = tmp_path / "idx"
     with pytest.raises(OSError):
         build_dense_index(data["emb"], out, cfg(num_shards=2, exact=True), encoder_fingerprint=FP)

@@ -267,8 +267,7 @@ def convert_corpus(src: str, out: str, fmt: CorpusFormat, *, overwrite: bool = F
                             source=str(src), out=str(out), report=report.to_dict())
 
     def manifest(n: int) -> dict:
-        return {"format": "re2g.passages", "version": 1, "source": str(src), "source_format": fmt,
-                "stats": stats(n).to_dict()}
+        return {"source": str(src), "source_format": fmt, "stats": stats(n).to_dict()}
 
     n = write_passages(counted(), out, overwrite=overwrite, manifest=manifest)
     return stats(n)

@@ -18,22 +18,19 @@ one per compressed file) that Ray Data processes in parallel, in two passes: the
 every row (errors name the file and the line) and finds duplicate page ids, the second splits and
 writes Parquet into a temporary sibling directory that is renamed into place at the end.
 
-**The artifact**: a directory of Parquet files with string columns ``pid, title, text,
-wikipedia_id`` (``wikipedia_id`` is null for corpora without pages), plus ``_manifest.json``
-(source, config, stats), which Parquet readers ignore.
+**The artifact** (:mod:`re2g.data.passage_files`: its one schema check, writing, reading, the pid
+lookup; re-exported here): a directory of Parquet files with string columns ``pid, title, text,
+wikipedia_id`` (``wikipedia_id`` is null for corpora without pages), plus ``_manifest.json`` (kind
+``passages`` of :mod:`re2g.artifacts`: counts, config, source, stats), which Parquet readers ignore.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
-import itertools
 import json
 import logging
 import re
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,7 +41,22 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.utils import infer_compression
 
+from re2g.artifacts import staged_dir, write_manifest
 from re2g.config import PassageConfig
+from re2g.data.passage_files import (  # noqa: F401  (re-exported: the names callers import from here)
+    MANIFEST,
+    PASSAGE_COLUMNS,
+    PASSAGE_SCHEMA,
+    _name,
+    _parquet_files,
+    count_passages,
+    iter_passages,
+    passages_manifest,
+    passages_table,
+    read_passages,
+    staged_output_dir,
+    write_passages,
+)
 from re2g.types import PID_PATTERN
 from re2g.data.kilt import (
     DUPLICATE_ID,
@@ -56,11 +68,7 @@ from re2g.data.kilt import (
     parse_page,
 )
 from re2g.errors import ArtifactError, DataFormatError
-from re2g.types import Passage
 
-PASSAGE_COLUMNS = ("pid", "title", "text", "wikipedia_id")
-PASSAGE_SCHEMA = pa.schema([(c, pa.string()) for c in PASSAGE_COLUMNS])
-MANIFEST = "_manifest.json"
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger(__name__)
@@ -127,16 +135,6 @@ def split_page(page: Mapping[str, Any] | KnowledgePage, cfg: PassageConfig) -> l
     return out
 
 
-def passages_table(rows: Iterable[Passage | Mapping[str, Any]]) -> pa.Table:
-    """Passages (records or dicts) as a table with the passages schema."""
-    cols: dict[str, list] = {c: [] for c in PASSAGE_COLUMNS}
-    for r in rows:
-        get = r.get if isinstance(r, Mapping) else (lambda k, _r=r: getattr(_r, k))
-        for c in PASSAGE_COLUMNS:
-            cols[c].append(get(c))
-    return pa.table(cols, schema=PASSAGE_SCHEMA)
-
-
 # --------------------------------------------------------------------------- stats
 
 
@@ -176,254 +174,6 @@ class PassageStats:
         t.add_row("bad rows skipped", skipped)
         t.add_row("seconds", f"{self.seconds:.1f}")
         return t
-
-
-# --------------------------------------------------------------------------- atomic output directory
-
-
-@dataclass(frozen=True)
-class Staging:
-    """A temporary output directory: ``fs`` (fsspec), ``path`` (without protocol), ``uri``."""
-
-    fs: Any
-    path: str
-
-    @property
-    def uri(self) -> str:
-        return self.fs.unstrip_protocol(self.path)
-
-    @property
-    def is_local(self) -> bool:
-        return "file" in _protocols(self.fs)
-
-    def arrow_filesystem(self):
-        """A pyarrow filesystem for writers that need one (``None`` for local paths)."""
-        if self.is_local:
-            return None
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        return PyFileSystem(FSSpecHandler(self.fs))
-
-
-def _protocols(fs) -> tuple:
-    p = fs.protocol
-    return (p,) if isinstance(p, str) else tuple(p)
-
-
-def _name(fs, path: str) -> str:
-    """How a file is named in messages and handed to workers: a plain path when local."""
-    return path if "file" in _protocols(fs) else fs.unstrip_protocol(path)
-
-
-def _is_nonempty(fs, path: str) -> bool:
-    if not fs.exists(path):
-        return False
-    return fs.isfile(path) or bool(fs.ls(path))
-
-
-@contextlib.contextmanager
-def staged_output_dir(out: str, *, overwrite: bool = False) -> Iterator[Staging]:
-    """Yield a temporary sibling directory of ``out``; when the block ends without error it replaces
-    ``out`` (renamed in place), otherwise it is removed. An existing non-empty ``out`` is refused
-    (:class:`ArtifactError`) unless ``overwrite``."""
-    out = str(out).rstrip("/")
-    fs, p = url_to_fs(out)
-    if fs.exists(p) and fs.isfile(p):
-        raise ArtifactError(f"{out}: exists and is a file; expected a directory for the passages")
-    if _is_nonempty(fs, p) and not overwrite:
-        raise ArtifactError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
-    parent, _, name = p.rpartition("/")
-    tag = uuid.uuid4().hex[:8]
-    tmp = f"{parent}/.{name}.tmp-{tag}" if parent else f".{name}.tmp-{tag}"
-    fs.makedirs(tmp, exist_ok=True)
-    try:
-        yield Staging(fs, tmp)
-        if fs.exists(p):
-            old = f"{parent}/.{name}.old-{tag}" if parent else f".{name}.old-{tag}"
-            fs.mv(p, old, recursive=True)
-            fs.mv(tmp, p, recursive=True)
-            fs.rm(old, recursive=True)
-        else:
-            if parent:
-                fs.makedirs(parent, exist_ok=True)
-            fs.mv(tmp, p, recursive=True)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if fs.exists(tmp):
-                fs.rm(tmp, recursive=True)
-        raise
-
-
-def _write_manifest(stage: Staging, manifest: dict) -> None:
-    with stage.fs.open(f"{stage.path}/{MANIFEST}", "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-
-
-def _parquet_files(fs, path: str) -> list[str]:
-    if fs.isfile(path):
-        return [path]
-    return sorted(f for f in fs.ls(path, detail=False)
-                  if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith((".", "_")))
-
-
-def write_passages(rows: Iterable[Passage | Mapping[str, Any]], out: str, *, overwrite: bool = False,
-                   batch_rows: int = 100_000, manifest: dict | Callable[[int], dict] | None = None) -> int:
-    """Write passages (one process, streaming in batches) as a passages Parquet directory,
-    atomically; ``manifest`` (a dict, or a function of the row count called after the rows are
-    written) goes to ``_manifest.json``. Does not check pids; :func:`read_passages` does.
-    Returns the row count."""
-    n = 0
-    with staged_output_dir(out, overwrite=overwrite) as stage:
-        with stage.fs.open(f"{stage.path}/part-00000.parquet", "wb") as f, \
-                pq.ParquetWriter(f, PASSAGE_SCHEMA) as writer:
-            batch: list = []
-            for r in rows:
-                batch.append(r)
-                if len(batch) >= batch_rows:
-                    writer.write_table(passages_table(batch))
-                    n += len(batch)
-                    batch = []
-            if batch:
-                writer.write_table(passages_table(batch))
-                n += len(batch)
-        if manifest is not None:
-            _write_manifest(stage, manifest(n) if callable(manifest) else {**manifest, "passages": n})
-    return n
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _passage_files(path: str) -> tuple[Any, list[str]]:
-    fs, p = url_to_fs(str(path))
-    if not fs.exists(p):
-        raise DataFormatError(str(path), "passages not found (expected a Parquet file or directory)")
-    files = _parquet_files(fs, p)
-    if not files:
-        raise DataFormatError(str(path), "no Parquet files in the directory (an interrupted write?)")
-    return fs, files
-
-
-def _read_file(fs, f: str, columns: list[str] | None = None) -> pa.Table:
-    with fs.open(f, "rb") as fh:
-        try:
-            return pq.read_table(fh, columns=columns)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataFormatError(_name(fs, f), f"not a readable Parquet file: {e}") from None
-
-
-def _check_schema(name: str, schema: pa.Schema) -> None:
-    for c in PASSAGE_COLUMNS:
-        if c not in schema.names:
-            if c == "wikipedia_id":
-                continue
-            raise DataFormatError(name, f"missing column (expected columns {', '.join(PASSAGE_COLUMNS)}; "
-                                        f"found {', '.join(schema.names)})", field=c)
-        typ = schema.field(c).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
-            raise DataFormatError(name, f"expected a string column, got {typ}", field=c)
-
-
-def _normalize(t: pa.Table) -> pa.Table:
-    if "wikipedia_id" not in t.column_names:
-        t = t.append_column("wikipedia_id", pa.nulls(t.num_rows, pa.string()))
-    return t.select(list(PASSAGE_COLUMNS)).cast(PASSAGE_SCHEMA)
-
-
-def _check_rows(name: str, t: pa.Table, row0: int = 0) -> None:
-    """Null/empty pid, null title, empty text -> DataFormatError at the (1-based) row."""
-    checks = (
-        ("pid", pc.or_kleene(pc.is_null(t["pid"]), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(t["pid"])), 0)),
-         "empty or missing passage id"),
-        ("title", pc.is_null(t["title"]), "missing title (expected a string, may be empty)"),
-        ("text", pc.or_kleene(pc.is_null(t["text"]),
-                              pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(t["text"])), 0)),
-         "empty passage text"),
-    )
-    for col, bad, reason in checks:
-        bad = pc.fill_null(bad, True)
-        if pc.any(bad).as_py():
-            i = pc.index(bad, True).as_py()
-            pid = t["pid"][i].as_py()
-            raise DataFormatError(name, f"{reason} (pid {pid!r})" if col != "pid" else reason,
-                                  line=row0 + i + 1, field=col)
-
-
-def _check_unique(names: list[str], tables: list[pa.Table]) -> None:
-    """The first repeated pid (in file order) -> DataFormatError at its second row."""
-    pids = pa.chunked_array([c for t in tables for c in t["pid"].chunks], type=pa.string())
-    if len(pids) == 0:
-        return
-    counts = pc.value_counts(pids)
-    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    if len(dup) == 0:
-        return
-    offsets = list(itertools.accumulate((t.num_rows for t in tables[:-1]), initial=0))
-
-    def where(i: int) -> tuple[int, int]:  # (file index, 1-based row in the file)
-        k = bisect.bisect_right(offsets, i) - 1
-        return k, i - offsets[k] + 1
-
-    seen: dict[str, int] = {}
-    for i in pc.is_in(pids, value_set=dup).to_numpy(zero_copy_only=False).nonzero()[0].tolist():
-        pid = pids[i].as_py()
-        if pid not in seen:
-            seen[pid] = i
-            continue
-        (k, row), (kf, first) = where(i), where(seen[pid])
-        also = f" of {names[kf]}" if kf != k else ""
-        raise DataFormatError(names[k], f"duplicate passage id {pid!r} (first at row {first}{also})",
-                              line=row, field="pid")
-
-
-def read_passages(path: str, *, validate: bool = True) -> pa.Table:
-    """Read a passages Parquet (file or directory) as a table with string columns
-    ``pid, title, text, wikipedia_id`` (``wikipedia_id`` added as nulls when absent).
-
-    ``validate``: a missing column, a wrong type, an empty pid or text, or a duplicate pid raises
-    :class:`DataFormatError` naming the file, the row (1-based) and the pid.
-    """
-    fs, files = _passage_files(path)
-    names = [_name(fs, f) for f in files]
-    tables = []
-    for name, f in zip(names, files):
-        t = _read_file(fs, f)
-        _check_schema(name, t.schema)
-        t = _normalize(t)
-        if validate:
-            _check_rows(name, t)
-        tables.append(t)
-    if validate:
-        _check_unique(names, tables)
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-
-
-def iter_passages(path: str, *, batch_size: int = 10_000) -> Iterator[Passage]:
-    """Stream the passages of a passages Parquet as :class:`~re2g.types.Passage`, file by file.
-    Columns and empty texts are checked as it goes; duplicate pids are not (see :func:`read_passages`)."""
-    fs, files = _passage_files(path)
-    for f in files:
-        name = _name(fs, f)
-        with fs.open(f, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            _check_schema(name, pf.schema_arrow)
-            row0 = 0
-            for batch in pf.iter_batches(batch_size=batch_size):
-                t = _normalize(pa.Table.from_batches([batch]))
-                _check_rows(name, t, row0)
-                row0 += t.num_rows
-                for r in t.to_pylist():
-                    yield Passage(pid=r["pid"], title=r["title"], text=r["text"], wikipedia_id=r["wikipedia_id"])
-
-
-def count_passages(path: str) -> int:
-    """Number of rows of a passages Parquet, from the file footers (reads no data)."""
-    fs, files = _passage_files(path)
-    n = 0
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            n += pq.ParquetFile(fh).metadata.num_rows
-    return n
 
 
 # --------------------------------------------------------------------------- Ray Data split
@@ -651,7 +401,7 @@ def split_knowledge_source(source: str, out: str, cfg: PassageConfig | None = No
 
     cfg = cfg or PassageConfig()
     t0 = time.perf_counter()
-    with staged_output_dir(out, overwrite=overwrite) as stage:
+    with staged_dir(out, overwrite=overwrite) as stage:
         chunks = plan_chunks(source, chunk_bytes, cpus=int(ray.cluster_resources().get("CPU", 1)))
 
         # Pass 1: validate every row, find duplicate ids, count (nothing is written).
@@ -692,8 +442,9 @@ def split_knowledge_source(source: str, out: str, cfg: PassageConfig | None = No
                              words_mean=round(scan.words_mean, 2), words_max=scan.words_max, skipped=n_bad,
                              seconds=0.0, source=str(source), out=str(out), report=report.to_dict())
         stats.seconds = round(time.perf_counter() - t0, 2)
-        _write_manifest(stage, {"format": "re2g.passages", "version": 1, "source": str(source),
-                                "config": cfg.model_dump(mode="json"), "stats": stats.to_dict()})
+        write_manifest(stage.uri, passages_manifest(
+            written, config=cfg.model_dump(mode="json"), counts={"pages": scan.pages, "skipped": n_bad},
+            source=str(source), stats=stats.to_dict()))
     if n_bad:
         log.warning("%s", report.summary())
     return stats

@@ -3,7 +3,8 @@
 It is the embedded default for the demo and every test. ``generate_sample(out_dir, cfg)`` writes::
 
     out_dir/
-      sample.json                      config, size profile, counts, examples, file list (deterministic)
+      sample.json                      manifest (kind "sample", re2g.artifacts): config, size profile, counts,
+                                       examples, file list (deterministic)
       knowledge_source.jsonl           KILT pages {"_id", "wikipedia_id", "wikipedia_title", "text": [title, p1, ...]}
       entities.jsonl                   the ground truth: name, split, facts, paragraph of each fact
       tasks/{task}-{split}-kilt.jsonl  task in slot_filling | qa | fact_verification, split in train | dev | test
@@ -54,9 +55,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import string
 import time
 from collections.abc import Iterator
@@ -64,11 +63,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from re2g.artifacts import KINDS, Manifest, read_manifest, staged_dir, write_manifest
 from re2g.config import SampleConfig
 from re2g.errors import ArtifactError, ConfigError
 
-FORMAT = "re2g-sample/1"
-SUMMARY_FILE = "sample.json"
+KIND = "sample"
+SUMMARY_FILE = KINDS[KIND].file
 KNOWLEDGE_SOURCE = "knowledge_source.jsonl"
 ENTITIES_FILE = "entities.jsonl"
 TASKS = ("slot_filling", "qa", "fact_verification")
@@ -738,14 +738,9 @@ def load_sample_summary(out_dir: str | Path, cfg: SampleConfig | None = None,
                         vocab_size: int | None = None) -> SampleSummary | None:
     """The summary of an existing sample directory, or None when there is none, it is incomplete,
     or it was made with a different config than ``cfg`` (or tokenizer ``vocab_size``, when given)."""
-    path = Path(out_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return None
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("format") != FORMAT:
+        meta = read_manifest(out_dir, KIND).to_dict()  # a sample from before the one schema is mapped
+    except ArtifactError:
         return None
     if cfg is not None and meta.get("config") != cfg.model_dump(mode="json"):
         return None
@@ -763,32 +758,14 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ArtifactError(f"{out}: exists and is not empty; choose another directory or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    from re2g.storage import replace_dir
-
-    replace_dir(tmp, out)
-
-
-def commit_sample(tmp: Path, out: Path, meta: dict[str, Any], files: list[str], summary: "SampleSummary") -> None:
-    """Finish a sample written under ``tmp``: ``sample.json`` (``meta`` + every file's size) last, then
-    ``tmp`` renamed to ``out``. Shared by the synthetic and the vital-articles samples."""
-    meta["files"] = [{"path": f, "bytes": (tmp / f).stat().st_size} for f in files]
-    (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+def commit_sample(tmp: Path, meta: dict[str, Any], files: list[str], summary: "SampleSummary") -> None:
+    """Finish a sample written under ``tmp`` (a :func:`re2g.artifacts.staged_dir`): its manifest
+    ``sample.json`` (``meta`` + every file's size) written last. Shared by the synthetic and the
+    vital-articles samples."""
+    counts = {"pages": summary.pages, "queries": sum(n for t in summary.queries.values() for n in t.values())}
+    files_meta = [{"path": f, "bytes": (tmp / f).stat().st_size} for f in files]
+    write_manifest(tmp, Manifest(kind=KIND, counts=counts, **meta, files=files_meta))
     summary.files = files + [SUMMARY_FILE]
-    _commit(tmp, out)
 
 
 def _pages(w: _World, prof: SizeProfile, rng: random.Random,
@@ -823,8 +800,8 @@ def generate_sample(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 40
     prof = size_profile(cfg)
     n = prof.n_entities
     show = progress and n >= 50_000
-    tmp = _prepare_out(out, overwrite)
-    try:
+    with staged_dir(out, overwrite=overwrite) as stage:
+        tmp = stage.local
         rng = random.Random(f"re2g-sample-world-{cfg.seed}")
         w = _build_world(n, cfg, rng)
         page_rng = random.Random(f"re2g-sample-pages-{cfg.seed}")
@@ -898,16 +875,12 @@ def generate_sample(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 40
         stored.pop("out_dir")
         stored.pop("seconds")
         meta = {
-            "format": FORMAT,
             "config": cfg.model_dump(mode="json"),
             "profile": asdict(prof),
             "vocab_size": vocab_size,
             "relations": RELATION_LABELS,
             "summary": stored,
         }
-        commit_sample(tmp, out, meta, files, summary)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        commit_sample(tmp, meta, files, summary)
     summary.seconds = round(time.time() - t0, 2)
     return summary

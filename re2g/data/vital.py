@@ -5,7 +5,7 @@ calls it when ``cfg.source`` is ``vital-articles``) writes the layout of the syn
 so passages, BM25, training, the quickstart and serving run on it unchanged::
 
     out_dir/
-      sample.json                      config, counts, examples, file list (format re2g-sample/1)
+      sample.json                      manifest (kind "sample"): config, counts, examples, file list
       knowledge_source.jsonl           KILT pages {"_id", "wikipedia_id", "wikipedia_title", "text": [title, p1, ...]}
       articles.jsonl                   per page: title, Wikidata description, topic, split, query or why not
       tasks/vital_qa-{split}-kilt.jsonl
@@ -74,7 +74,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 import unicodedata
 from collections import Counter
@@ -214,8 +213,9 @@ def generate_vital(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 400
     asset; :class:`re2g.assets.AssetMissingError` says how to fetch it). Atomic like
     ``generate_sample``: an existing non-empty ``out_dir`` is refused unless ``overwrite``."""
     from re2g.assets import ASSETS
-    from re2g.data.sample import (FORMAT, KNOWLEDGE_SOURCE, SPLITS, SampleSummary, _dump, commit_sample,
-                                  _prepare_out, estimate_passages, task_file)
+    from re2g.artifacts import staged_dir
+    from re2g.data.sample import (KNOWLEDGE_SOURCE, SPLITS, SampleSummary, _dump, commit_sample,
+                                  estimate_passages, task_file)
     from re2g.data.tokenizers import train_tokenizers
 
     t0 = time.time()
@@ -230,8 +230,8 @@ def generate_vital(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 400
     status = query_status(everything)                 # judged over the whole file, whatever the sample's size
     articles = select_articles(everything, cfg)
     out = Path(out_dir)
-    tmp = _prepare_out(out, overwrite)
-    try:
+    with staged_dir(out, overwrite=overwrite) as stage:
+        tmp = stage.local
         tok_texts: list[str] = []
         paragraphs = words = est = expected = 0
         split = {a.wikipedia_id: split_of(a.title, cfg) for a in articles}
@@ -281,7 +281,6 @@ def generate_vital(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 400
         spec = ASSETS[SOURCE]
         reasons = Counter(status[a.wikipedia_id] for a in articles)
         meta = {
-            "format": FORMAT,
             "config": cfg.model_dump(mode="json"),
             "source": {"asset": SOURCE, "package": spec.requirement, "license": spec.license,
                        "file": source_path.name, "sha256": sha256_file(source_path),
@@ -291,9 +290,6 @@ def generate_vital(out_dir: str | Path, cfg: SampleConfig, vocab_size: int = 400
             "queries_by_reason": dict(sorted(reasons.items())),
             "summary": stored,
         }
-        commit_sample(tmp, out, meta, files, summary)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        commit_sample(tmp, meta, files, summary)
     summary.seconds = round(time.time() - t0, 2)
     return summary

@@ -4,9 +4,10 @@ Building: the passages Parquet (``pid, title, text`` + optional ``wikipedia_id``
 batches into a pyserini ``JsonCollection`` (``id``, ``contents`` = title + "\\n" + text; the raw
 JSON also keeps ``title`` and ``wikipedia_id``, so hits come back with their text without any
 lookup table), then Anserini's ``IndexCollection`` runs in a separate JVM with pyserini's jar
-(:func:`re2g.index.java.java_command`). Everything is written under a hidden temporary directory
-beside ``out_dir`` and renamed into place at the end, with ``re2g_bm25.json``; a crash leaves
-nothing at ``out_dir``.
+(:func:`re2g.index.java.java_command`). The index is built under a temporary sibling of ``out_dir``
+(:func:`re2g.artifacts.staged_dir`) and renamed into place at the end, with ``re2g_bm25.json`` (kind
+``bm25-index`` of the one manifest schema: counts, the BM25 config, the passages it indexes); a
+crash leaves nothing at ``out_dir``.
 
 Searching: :class:`BM25Retriever` has the same ``search`` / ``batch_search`` as the dense
 retriever and returns :class:`re2g.types.Hit` lists (``source="bm25"``, ranks from 0). The JVM
@@ -19,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -29,18 +30,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from re2g.artifacts import KINDS, Manifest, read_manifest as read_artifact_manifest, staged_dir, write_manifest
 from re2g.config import BM25Config
+from re2g.data.passage_files import open_passages_dataset
 from re2g.errors import ArtifactError, DataFormatError
 from re2g.index.java import anserini_jar, find_java, java_command, prepare_pyserini
 from re2g.types import Hit
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "re2g_bm25.json"
-FORMAT = "re2g-bm25"
-FORMAT_VERSION = 1
-REQUIRED_COLUMNS = ("pid", "title", "text")
-OPTIONAL_COLUMNS = ("wikipedia_id",)
+KIND = "bm25-index"
+MANIFEST_NAME = KINDS[KIND].file
+FORMAT_VERSION = KINDS[KIND].version
 _DEFAULTS = BM25Config()
 _MAX_ROWS_PER_FILE = 1_000_000
 
@@ -67,22 +68,9 @@ class BM25IndexInfo:
 
 
 def _open_passages(passages_path: Path):
-    import pyarrow.dataset as pds
-
-    if not passages_path.exists():
-        raise ArtifactError(f"{passages_path}: passages not found (expected a Parquet file or a "
-                            "directory of Parquet files with columns pid, title, text)")
-    try:
-        ds = pds.dataset(str(passages_path), format="parquet")
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        raise DataFormatError(str(passages_path), f"not readable as Parquet: {e}") from None
-    names = set(ds.schema.names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise DataFormatError(str(passages_path), f"missing column(s) {', '.join(missing)}; found "
-                              f"{', '.join(ds.schema.names) or 'none'}", field=missing[0])
-    columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in names]
-    return ds, columns
+    """The passages as a dataset (schema checked) and the columns to read."""
+    ds = open_passages_dataset(str(passages_path))
+    return ds, [c for c in ("pid", "title", "text", "wikipedia_id") if c in ds.schema.names]
 
 
 def _write_collection(passages_path: Path, collection_dir: Path, *, threads: int,
@@ -174,15 +162,12 @@ def build_bm25_index(passages_path: str | Path, out_dir: str | Path, *,
     t0 = time.perf_counter()
     passages_path = Path(passages_path)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out}: already exists; pass overwrite=True to replace it")
     runtime = find_java()  # fail early, before writing anything, when there is no Java 21+
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    with staged_dir(out, overwrite=overwrite) as stage, \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent) as scratch:
+        work, index_dir = Path(scratch), stage.local
         written, skipped = _write_collection(passages_path, work / "collection", threads=threads,
                                              batch_size=batch_size)
-        index_dir = work / "index"
         indexed = _run_indexer(work / "collection", index_dir, threads=threads, optimize=optimize,
                                memory_buffer_mb=memory_buffer_mb, log_path=work / "anserini.log")
         if indexed is not None and indexed != written:
@@ -197,45 +182,26 @@ def build_bm25_index(passages_path: str | Path, out_dir: str | Path, *,
             build_seconds=round(time.perf_counter() - t0, 3),
             java=f"Java {runtime.version} ({runtime.source})",
             anserini_jar=anserini_jar().name)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **info.to_dict(),
-                    "config": BM25Config(k1=k1, b=b, threads=threads).model_dump()}
-        del manifest["index_dir"]
-        (index_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():  # overwrite: move the old index aside, then swap in the new one
-            out.rename(work / "previous")
-        index_dir.rename(out)
-        log.info("BM25 index of %d passages at %s in %.1fs", written, out, info.build_seconds)
-        return info
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        details = {k: v for k, v in info.to_dict().items() if k not in ("index_dir", "count", "skipped_empty")}
+        write_manifest(index_dir, Manifest(kind=KIND, config=BM25Config(k1=k1, b=b, threads=threads).model_dump(),
+                                           counts={"passages": written, "skipped_empty": skipped}, **details))
+    log.info("BM25 index of %d passages at %s in %.1fs", written, out, info.build_seconds)
+    return info
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def read_manifest(index_dir: str | Path) -> dict[str, Any]:
-    """The ``re2g_bm25.json`` of a finished index; ArtifactError when the directory is missing,
-    half-written or not a re2g BM25 index."""
+    """The ``re2g_bm25.json`` of a finished index (:func:`re2g.artifacts.read_manifest`; an index
+    built before the one manifest schema loads too) as a dict with ``count`` and ``skipped_empty``
+    (from ``counts``) beside the schema's fields; ArtifactError, with the command that rebuilds it,
+    when the directory is missing, half-written or not a re2g BM25 index."""
     d = Path(index_dir)
-    if not d.is_dir():
-        raise ArtifactError(f"{d}: BM25 index not found (build it with build_bm25_index)")
-    path = d / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{d}: not a complete re2g BM25 index: {MANIFEST_NAME} is missing "
-                            "(the build did not finish, or this is not a BM25 index); rebuild it")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e}); rebuild the index") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a re2g BM25 manifest (format={manifest.get('format')!r})"
-                            if isinstance(manifest, dict) else f"{path}: not a re2g BM25 manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r}, this "
-                            f"re2g reads {FORMAT_VERSION}; rebuild the index")
+    m = read_artifact_manifest(d, KIND)
     if not any(d.glob("segments_*")):
         raise ArtifactError(f"{d}: the Lucene files are missing (no segments_N); rebuild the index")
-    return manifest
+    return {**m.to_dict(), "count": m.counts["passages"], "skipped_empty": m.counts.get("skipped_empty", 0)}
 
 
 class BM25Retriever:

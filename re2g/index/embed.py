@@ -4,8 +4,9 @@
 ``map_batches`` with :class:`PassageEmbedder` (a stateful class: each actor loads the bi-encoder
 once) under ``compute=ActorPoolStrategy(size=actors)``, one GPU per actor where GPUs exist, and
 writes Parquet ``pid, vector`` (``vector: list<float32>``). ``_embeddings.json`` beside the Parquet
-files records the count, the dimension, the encoder's fingerprint and the timing; it is written
-last, and a local output is built under a temporary name and renamed, so a crash never leaves
+files (kind ``embeddings`` of the one manifest schema, :mod:`re2g.artifacts`) records the count, the
+encoder's fingerprint, the dimension and the timing; it is written last, and the output is built
+under a temporary name and renamed (:func:`re2g.artifacts.staged_dir`), so a crash never leaves
 embeddings that a later step would take for complete.
 
 ``embed_corpus_local`` is the same computation in one process (the baseline of the benchmark, and
@@ -14,19 +15,17 @@ the path for small corpora without Ray).
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from re2g.artifacts import KINDS, Manifest, read_manifest, staged_dir, write_manifest
+from re2g.data.passage_files import open_passages_dataset
 from re2g.errors import ArtifactError, DataFormatError
 
-EMBEDDINGS_META = "_embeddings.json"  # "_" prefix: Parquet dataset readers skip it
+KIND = "embeddings"
+EMBEDDINGS_META = KINDS[KIND].file  # "_" prefix: Parquet dataset readers skip it
 
 
 @dataclass
@@ -60,14 +59,6 @@ class EmbedStats:
         t.add_row(str(self.passages), str(self.dim), str(self.actors), str(self.batch_size), self.device,
                   f"{self.seconds:.1f}", f"{self.passages_per_s:.1f}")
         return t
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
 
 
 def _vectors_column(vecs: np.ndarray):
@@ -138,80 +129,30 @@ def actor_cpu_request(actors: int, threads: int, cluster_cpus: float, use_gpu: b
     return round(want, 3)
 
 
-def _prepare_out(out: str, overwrite: bool) -> tuple[str, Path | None]:
-    """Where to write: a temporary sibling for local outputs (renamed at the end)."""
-    if _is_local(out):
-        final = _local_path(out)
-        if final.exists() and any(final.iterdir()):
-            if not overwrite:
-                raise ArtifactError(f"{final}: output exists and is not empty (pass overwrite=True / --overwrite)")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.building-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        return str(tmp), tmp
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(out)
-    if fs.exists(path) and fs.ls(path) and not overwrite:
-        raise ArtifactError(f"{out}: output exists and is not empty (pass overwrite=True / --overwrite)")
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    return out, None
-
-
-def _finish(out: str, tmp: Path | None, meta: dict) -> None:
-    text = json.dumps(meta, indent=2)
-    if tmp is None:  # remote: the meta file is the commit marker, written last
-        import fsspec
-
-        with fsspec.open(out.rstrip("/") + "/" + EMBEDDINGS_META, "w") as f:
-            f.write(text)
-        return
-    (tmp / EMBEDDINGS_META).write_text(text)
-    final = _local_path(out)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-@contextmanager
-def _staged(out: str, overwrite: bool):
-    """Yield ``(target, commit)``: write under ``target``, call ``commit(meta)`` when complete; on any
-    error the temporary output is removed, so nothing half-written is left."""
-    target, tmp = _prepare_out(out, overwrite)
-    try:
-        yield target, lambda meta: _finish(out, tmp, meta)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def read_embeddings_meta(path: str) -> dict:
-    """The ``_embeddings.json`` of an embeddings directory; a missing one means the run never finished."""
-    import fsspec
+    """The ``_embeddings.json`` of an embeddings directory (older formats are mapped) as a dict with
+    ``passages`` (``counts.vectors``) and ``fingerprint`` (``fingerprints.encoder``) beside the
+    schema's fields; a missing one means the run never finished (:class:`ArtifactError`)."""
+    m = read_manifest(path, KIND)
+    return {**m.to_dict(), "passages": m.counts["vectors"], "fingerprint": m.fingerprints["encoder"]}
 
-    uri = path.rstrip("/") + "/" + EMBEDDINGS_META
-    try:
-        with fsspec.open(uri, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no {EMBEDDINGS_META}: not an embeddings directory, or its embedding run "
-                            "did not finish") from None
+
+def _embeddings_manifest(stats: EmbedStats, passages: str, model_dir: str, settings: dict,
+                         max_length: int | None) -> Manifest:
+    details = {k: v for k, v in stats.to_dict().items() if k not in ("passages", "fingerprint")}
+    return Manifest(kind=KIND, config={"batch_size": stats.batch_size, "max_length": max_length,
+                                       "actors": stats.actors},
+                    counts={"vectors": stats.passages}, fingerprints={"encoder": stats.fingerprint},
+                    passages_path=str(passages), model_dir=str(model_dir), encoder_settings=settings, **details)
+
+
+def _target(stage) -> str:
+    """Where writers put the files of a staged output: a plain path when local."""
+    return str(stage.local) if stage.is_local else stage.uri
 
 
 def _check_passages_schema(passages: str) -> int:
-    import pyarrow.dataset as pads
-
-    try:
-        dataset = pads.dataset(passages, format="parquet")
-    except (FileNotFoundError, OSError) as e:
-        raise DataFormatError(passages, f"cannot read passages Parquet: {e}") from None
-    names = dataset.schema.names
-    for col in ("pid", "title", "text"):
-        if col not in names:
-            raise DataFormatError(passages, f"missing column (expected pid, title, text; found {names})", field=col)
-    n = dataset.count_rows()
+    n = open_passages_dataset(passages).count_rows()
     if n == 0:
         raise DataFormatError(passages, "no passages: the corpus is empty")
     return n
@@ -235,7 +176,8 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
     dev = "cuda" if use_gpu else "cpu"
     actor_cpus = actor_cpu_request(actors, threads_per_actor or 1, resources.get("CPU", 1.0), use_gpu)
     t0 = time.time()
-    with _staged(out, overwrite) as (target, commit):
+    with staged_dir(out, overwrite=overwrite) as stage:
+        target = _target(stage)
         ctx = ray.data.DataContext.get_current()
         saved_block = ctx.target_max_block_size
         # small blocks, so that a corpus of a few MB still spreads over every encoder actor
@@ -266,8 +208,7 @@ def embed_corpus(passages: str, model_dir: str, out: str, *, batch_size: int = 6
         dim = len(first.column(0)[0])
         stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
                            actors=actors, batch_size=batch_size, device=dev)
-        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir),
-                "encoder_settings": settings})
+        write_manifest(target, _embeddings_manifest(stats, passages, model_dir, settings, max_length))
     return stats
 
 
@@ -290,7 +231,8 @@ def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: i
     n = _check_passages_schema(passages)
     fingerprint, settings = _encoder_identity(model_dir, encoding)  # in fp32, before a cast to bf16
     t0 = time.time()
-    with _staged(out, overwrite) as (target, commit):
+    with staged_dir(out, overwrite=overwrite) as stage:
+        target = _target(stage)
         embedder = PassageEmbedder(str(model_dir), batch_size=batch_size, max_length=max_length,
                                    device=device, threads=threads, encoding=encoding)
         dataset = pads.dataset(passages, format="parquet")
@@ -307,6 +249,5 @@ def embed_corpus_local(passages: str, model_dir: str, out: str, *, batch_size: i
         seconds = time.time() - t0
         stats = EmbedStats(out=str(out), passages=n, dim=dim, seconds=round(seconds, 3), fingerprint=fingerprint,
                            actors=0, batch_size=batch_size, device=embedder.device)
-        commit({**stats.to_dict(), "passages_path": str(passages), "model_dir": str(model_dir),
-                "encoder_settings": settings})
+        write_manifest(target, _embeddings_manifest(stats, passages, model_dir, settings, max_length))
     return stats

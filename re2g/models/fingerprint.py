@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
+from re2g.artifacts import KINDS, MODEL_KINDS, Manifest, read_manifest, write_manifest
 from re2g.errors import ArtifactError
 
-MODEL_META_FILE = "re2g_model.json"
+MODEL_META_FILE = KINDS[MODEL_KINDS[0]].file
 FINGERPRINT_CHARS = 16
 
 # Config fields that change an encoder's output without changing any weight's shape.
@@ -89,23 +90,21 @@ def encoder_fingerprint(module_or_dir: Any, **settings: Any) -> str:
 
 
 def read_model_meta(directory: str | Path) -> dict | None:
-    """The ``re2g_model.json`` of a saved re2g model directory, or ``None`` when there is none."""
-    path = Path(directory) / MODEL_META_FILE
-    if not path.is_file():
+    """The ``re2g_model.json`` of a saved re2g model directory (kind ``biencoder``, ``reranker`` or
+    ``generator`` in the one manifest schema of :mod:`re2g.artifacts`; a save from before it is
+    mapped), as a dict with ``fingerprint`` (``fingerprints.encoder``, when there is one) beside the
+    schema's fields; ``None`` when there is none. A malformed one is an :class:`ArtifactError`."""
+    if not (Path(directory) / MODEL_META_FILE).is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise ArtifactError(f"{path}: expected an object with a 'kind' field")
-    return meta
+    m = read_manifest(directory, MODEL_KINDS)
+    fingerprint = m.fingerprints.get("encoder")
+    return {**m.to_dict(), **({"fingerprint": fingerprint} if fingerprint else {})}
 
 
 def write_model_meta(directory: str | Path, meta: dict) -> Path:
-    """Write ``re2g_model.json`` (last, after the weights: its presence marks a complete save)."""
-    path = Path(directory) / MODEL_META_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    """Write ``re2g_model.json`` (last, after the weights: its presence marks a complete save).
+    ``meta``: ``kind``, the model's settings, and ``fingerprint`` when it has one."""
+    fields = dict(meta)
+    fingerprint = fields.pop("fingerprint", None)
+    manifest = Manifest(**fields, fingerprints={"encoder": fingerprint} if fingerprint else {})
+    return Path(write_manifest(directory, manifest))
