@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from re2g.train.generation import (QUERY_ENCODER_OPTIONS, IndexHandle, Re2GModel, e2e_step, merge_candidates,
-                                   passage_scores, plan_examples, rag_step, training_examples)
+from re2g.config import GenerationConfig, RetrievalConfig
+from re2g.train.generation import (QUERY_ENCODER_OPTIONS, IndexHandle, Re2GModel, bm25_entries, bm25_hits,
+                                   e2e_step, evaluate_e2e, evaluate_rag, fused_candidates, passage_scores,
+                                   plan_examples, rag_step, training_examples)
+from re2g.types import Candidate
 
 TINY = ["data.sample.size=tiny", "train.cpus_per_worker=0.5", "train.num_workers=2", "train.deepspeed.zero_stage=2",
         "models.generator_source_max_length=160", "models.reranker_max_length=96", "models.passage_max_length=64",
@@ -31,11 +34,9 @@ TINY = ["data.sample.size=tiny", "train.cpus_per_worker=0.5", "train.num_workers
 # --------------------------------------------------------------------------- pure parts
 
 
-def test_merge_candidates_keeps_dpr_then_new_bm25():
-    assert merge_candidates([["a", "b"], ["x"]], [["b", "c", "a", "d"], []]) == [["a", "b", "c", "d"], ["x"]]
-
-
 class _Vectors:
+    """A tiny exact in-memory index: stored vectors by pid, inner-product search."""
+
     def __init__(self, table):
         self.table = table
 
@@ -43,6 +44,30 @@ class _Vectors:
         import numpy as np
 
         return np.stack([self.table[p] for p in pids]).astype("float32")
+
+    def search_vectors(self, Q, k):
+        pids = list(self.table)
+        S = Q @ self.get_vectors(pids).T  # (B, N)
+        return [[Candidate(pids[j], float(row[j]), r, "dpr") for r, j in enumerate((-row).argsort(kind="stable")[:k])]
+                for row in S]
+
+
+def test_training_candidates_drop_a_bm25_hit_with_the_same_text_as_serving_does():
+    """Drift fixed: training merged DPR and BM25 by pid only; serving (``fuse``) also drops a hit
+    whose normalized text came earlier. Training now calls ``fuse``: "b" (same text as DPR's "a")
+    is gone, and the lists equal ``fuse``'s."""
+    import numpy as np
+
+    from re2g.index.fusion import fuse
+
+    lookup = {"a": ("Paris", "Paris is big.", "1"), "b": ("Paris", "paris is BIG", "1"), "c": ("Rome", "Rome.", "2")}
+    idx = _Vectors({"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "c": np.array([0.5, 0.5])})
+    bm25 = [bm25_hits([["b", 3.0], ["c", 2.0], ["a", 1.0]], lookup)]
+    cfg = RetrievalConfig(dpr_top_k=1, bm25_top_k=3)
+    dpr, cands = fused_candidates(idx, torch.tensor([[1.0, 0.0]]), bm25, lookup, cfg)
+    assert [c.pid for c in cands[0]] == ["a", "c"] and [c.source for c in cands[0]] == ["dpr", "bm25"]
+    assert cands[0] == fuse(cfg, dpr[0], bm25[0])
+    assert cands[0][0].text == "Paris is big." and cands[0][1].rank == 1
 
 
 def test_passage_scores_are_padded_inner_products_with_grad():
@@ -79,7 +104,7 @@ def parts(tiny_run_dir):
     batch = training_examples(str(run / "sample" / "tasks" / "slot_filling-train-kilt.jsonl"), limit=3)
     bm = BM25Retriever.from_dir(str(run / "index" / "bm25"))
     for x, hs in zip(batch, bm.batch_search([x["query"] for x in batch], 12)):
-        x["bm25"] = [h.pid for h in hs]
+        x["bm25"] = bm25_entries(hs)
     return run, index, lookup, batch
 
 
@@ -111,7 +136,7 @@ def test_e2e_gradients_per_option(parts, option):
     model = _model(run, reranker=True, frozen=option == "frozen")
     before_q, before_r = _state(model.biencoder.query_encoder), _state(model.reranker)
     before_c = _state(model.biencoder.ctx_encoder)
-    step = e2e_step(model, batch, index, lookup, option=option, dpr_k=12, rerank_k=5)
+    step = e2e_step(model, batch, index, lookup, option=option, retrieval=RetrievalConfig())
     step.loss.backward()
     assert _grad(model.reranker) > 0 and _grad(model.generator) > 0
     assert _grad(model.biencoder.ctx_encoder) == 0
@@ -122,7 +147,7 @@ def test_e2e_gradients_per_option(parts, option):
     assert (step.kl is not None) == (option == "distill")
     # candidates: DPR top-12 then new BM25 hits; the generator saw the reranker's top-5
     assert all(12 <= len(c) <= 24 for c in step.candidates) and all(len(t) == 5 for t in step.top)
-    assert all(set(t) <= set(c) for t, c in zip(step.top, step.candidates))
+    assert all(set(t) <= {x.pid for x in c} for t, c in zip(step.top, step.candidates))
 
     from re2g.train.generation import E2EStage
 
@@ -139,7 +164,8 @@ def test_distill_alone_trains_the_query_encoder(parts):
     """With the KD weight at 0 the query encoder gets no gradient: in distill, all of it comes from KD."""
     run, index, lookup, batch = parts
     model = _model(run, reranker=True)
-    e2e_step(model, batch, index, lookup, option="distill", dpr_k=12, rerank_k=5, distill_weight=0.0).loss.backward()
+    e2e_step(model, batch, index, lookup, option="distill", retrieval=RetrievalConfig(),
+             distill_weight=0.0).loss.backward()
     assert _grad(model.biencoder.query_encoder) == 0
     assert _grad(model.reranker) > 0
 
@@ -175,6 +201,81 @@ def test_shared_encoder_is_untied_and_saved_with_the_index_fingerprint(parts, tm
     assert BiEncoder.from_pretrained(tmp_path / "m" / "biencoder").fingerprint() == fp
     Generator.from_pretrained(tmp_path / "m")  # loads as a plain generator directory
     assert type(Re2GModel.from_pretrained(tmp_path / "m").generator) is Generator
+
+
+@pytest.mark.parametrize("fusion", ["concat", "rrf"])
+def test_training_candidates_equal_serving(parts, fusion):
+    """Stage 4's candidate lists (DPR from the index + the BM25 hits kept with each example, fused by
+    ``fuse``) equal the hybrid retriever's that the pipeline and Serve use, for the same queries and
+    models: pids, order, sources, ranks, texts and scores."""
+    from re2g.index.bm25 import BM25Retriever
+    from re2g.index.dense import DenseIndex, DenseRetriever
+    from re2g.index.fusion import HybridRetriever
+
+    run, index, lookup, batch = parts
+    model = _model(run, reranker=False).eval()
+    cfg = RetrievalConfig(fusion=fusion)
+    queries = [x["query"] for x in batch]
+    bm = BM25Retriever.from_dir(str(run / "index" / "bm25"))
+    served = HybridRetriever(DenseRetriever(DenseIndex.load(run / "index" / "dense", passages=lookup), model.biencoder),
+                             bm, cfg).batch_search(queries)
+    with torch.no_grad():
+        q = model.biencoder.encode_queries(queries)
+    bm25 = [bm25_hits(bm25_entries(hs), lookup) for hs in bm.batch_search(queries, cfg.bm25_top_k)]
+    _, trained = fused_candidates(index, q, bm25, lookup, cfg)
+    for mine, theirs in zip(trained, served):
+        assert [(c.pid, c.source, c.rank, c.title, c.text) for c in mine] == \
+               [(c.pid, c.source, c.rank, c.title, c.text) for c in theirs]
+        assert [c.score for c in mine] == pytest.approx([c.score for c in theirs], abs=1e-4)
+
+
+# DPR top-3 + BM25 top-3 fused: up to 6 candidates, and the reranker keeps 6
+RAGGED = RetrievalConfig(dpr_top_k=3, bm25_top_k=3, rerank_top_k=6)
+
+
+@pytest.fixture(scope="module")
+def dev_ragged(parts):
+    """Six dev examples with their BM25 entries; every other one keeps a single BM25 hit (as when
+    Lucene matches one passage), so the fused candidate lists have 4 and 6 entries."""
+    from re2g.data.kilt import read_kilt
+    from re2g.index.bm25 import BM25Retriever
+
+    run, index, lookup, _ = parts
+    gold = [g for g in read_kilt(str(run / "sample" / "tasks" / "slot_filling-dev-kilt.jsonl")) if g.answers][:6]
+    hits = BM25Retriever.from_dir(str(run / "index" / "bm25")).batch_search([g.input for g in gold], RAGGED.bm25_top_k)
+    bm25 = [bm25_entries(hs[:1] if i % 2 else hs) for i, hs in enumerate(hits)]
+    with torch.no_grad():
+        q = _model(run, reranker=False).biencoder.encode_queries([g.input for g in gold])
+    cands = fused_candidates(index, q, [bm25_hits(e, lookup) for e in bm25], lookup, RAGGED)[1]
+    assert len({len(c) for c in cands}) > 1, [len(c) for c in cands]
+    return gold, bm25
+
+
+def test_dev_metrics_do_not_depend_on_batch_size_or_order(parts, dev_ragged):
+    """Drift fixed: stage 4 cut every batch to its shortest candidate list (``k = min(k, mask.sum(-1).min())``),
+    so a query's reranked top and answer depended on its batch mates. With ragged lists (``RAGGED``)
+    every dev metric is the same for the whole dev set in one batch, one query per batch and in
+    reverse order in batches of 4; stage 2's likewise."""
+    run, index, lookup, _ = parts
+    gold, bm25 = dev_ragged
+    model = _model(run, reranker=True).eval()
+    gen = GenerationConfig(num_beams=2, max_new_tokens=6)
+
+    def e2e(order, size):
+        return evaluate_e2e(model, [gold[i] for i in order], [bm25[i] for i in order], index, lookup,
+                            option="distill", retrieval=RAGGED, generation=gen, temperature=10.0, batch_size=size)
+
+    def rag(order, size):
+        return evaluate_rag(model, [gold[i] for i in order], index, lookup, n_docs=3, generation=gen, batch_size=size)
+
+    n = len(gold)
+    for fn in (e2e, rag):
+        ref = fn(range(n), n)
+        for order, size in ((range(n), 1), (range(n - 1, -1, -1), 4)):
+            got = fn(order, size)
+            assert got.keys() == ref.keys()
+            for k in ref:
+                assert got[k] == pytest.approx(ref[k], abs=1e-5), (fn.__name__, k, size)
 
 
 # --------------------------------------------------------------------------- Ray Train runs

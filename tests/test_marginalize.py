@@ -92,6 +92,21 @@ def test_padding_passages_get_zero_weight():
             assert torch.allclose(got[b:b + 1], want, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_padded_passages_give_no_nan_and_no_gradient(kind):
+    """Stage 4's padded top (a query with fewer candidates than k): -inf document log-weights on the
+    padding (``doc_log_weights`` of a masked row, as ``combined`` builds them) and any token log-probs
+    there; the loss and every gradient stay finite, and nothing flows into the padding."""
+    lp, mask, scores = _random_case(seed=7)
+    doc_mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True] * 4])
+    scores = doc_log_weights(scores, doc_mask).detach().requires_grad_(True)  # -inf on the padding
+    lp = lp.masked_fill(~doc_mask[:, :, None], -1e9).requires_grad_(True)
+    loss = marginal_loss(lp, mask, scores, kind=kind, doc_mask=doc_mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(scores.grad).all() and torch.isfinite(lp.grad).all()
+    assert (scores.grad[~doc_mask] == 0).all() and (lp.grad[~doc_mask] == 0).all()
+
+
 def test_fast_decoding_zero_probabilities():
     seq = torch.tensor([[-1.0, float("-inf"), -2.0]], dtype=torch.float64)
     scores = torch.tensor([[0.0, 5.0, 1.0]], dtype=torch.float64)

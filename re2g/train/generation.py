@@ -43,11 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from re2g.config import GenerationConfig
+from re2g.config import GenerationConfig, RetrievalConfig
+from re2g.index.fusion import fuse
 from re2g.models.losses import distill_kl
-from re2g.models.marginalize import marginal_loss
+from re2g.models.marginalize import doc_log_weights, marginal_loss
+from re2g.models.reranker import rerank_top
 from re2g.train.stages import StageBase, param_groups
-from re2g.types import Hit
+from re2g.types import Candidate, Hit
 
 QUERY_ENCODER_OPTIONS = ("combined", "frozen", "distill")
 
@@ -122,19 +124,54 @@ def passage_scores(index, q: torch.Tensor, pids: Sequence[Sequence[str]],
     return torch.einsum("bd,bcd->bc", q, Pm) * scale, mask
 
 
-def merge_candidates(dpr: Sequence[Sequence[str]], bm25: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Per query: the DPR pids then the BM25 pids, first occurrence kept (Re2G's concatenation)."""
-    return [list(dict.fromkeys([*a, *b])) for a, b in zip(dpr, bm25)]
-
-
-def _hits(pids: Sequence[str], lookup: Mapping, sources: Mapping[str, str] | None = None,
-          scores: Sequence[float] | None = None) -> list[Hit]:
+def with_passages(hits: Sequence[Candidate], lookup: Mapping) -> list[Candidate]:
+    """``hits`` with ``title``, ``text`` and ``wikipedia_id`` from ``lookup`` (pid -> (title, text,
+    wid)); the dense index's hits carry only pid, score, rank and source."""
     out = []
-    for r, p in enumerate(pids):
-        title, text, wid = lookup[p]
-        out.append(Hit(p, float(scores[r]) if scores is not None else 0.0, r,
-                       (sources or {}).get(p, "dpr"), title, text, wid))
+    for h in hits:
+        title, text, wid = lookup[h.pid]
+        out.append(h.with_(title=title, text=text, wikipedia_id=wid))
     return out
+
+
+def bm25_entries(hits: Sequence[Candidate]) -> list[list]:
+    """One query's BM25 hits as ``[[pid, score], ...]`` (best first): what a training example keeps
+    (JSON, through Ray Data) so that :func:`bm25_hits` gives the hits back."""
+    return [[h.pid, float(h.score)] for h in hits]
+
+
+def bm25_hits(entries: Sequence[Sequence], lookup: Mapping) -> list[Candidate]:
+    """The BM25 hits of :func:`bm25_entries` back as candidates (source ``bm25``, ranks 0..)."""
+    return with_passages([Candidate(str(p), float(s), r, "bm25") for r, (p, s) in enumerate(entries)], lookup)
+
+
+def fused_candidates(index, q: torch.Tensor, bm25: Sequence[Sequence[Candidate]], lookup: Mapping,
+                     retrieval: RetrievalConfig) -> tuple[list[list[Candidate]], list[list[Candidate]]]:
+    """Per query the DPR top-``dpr_top_k`` of ``q`` (B, D) from ``index`` and the candidates fused with
+    its BM25 hits by :func:`re2g.index.fusion.fuse` -- the same fusion and dedup (pid, then normalized
+    text) as the pipeline and Serve. Returns (DPR hits, fused candidates)."""
+    dpr = [with_passages(hs, lookup) for hs in dpr_retrieve(index, q, retrieval.dpr_top_k)]
+    return dpr, [fuse(retrieval, d, b) for d, b in zip(dpr, bm25)]
+
+
+EMPTY_PASSAGE = ("", "")  # what fills a padded passage slot (its weight is 0: masked out)
+
+
+def padded_rows(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Each row of passages filled up to ``width`` with :data:`EMPTY_PASSAGE` (the generator takes
+    the same passage count for every query; the marginalization's ``doc_mask`` drops the filling)."""
+    return [list(r) + [EMPTY_PASSAGE] * (width - len(r)) for r in rows]
+
+
+def top_doc_scores(z_r: torch.Tensor, z_dpr: torch.Tensor, top: torch.Tensor, top_mask: torch.Tensor,
+                   option: str) -> torch.Tensor:
+    """The scores that weight the marginalization over the reranker's top: ``z_r`` there, or for
+    ``combined`` ``log_softmax(z_dpr) + log_softmax(z_r)`` over each query's real top entries
+    (padding -inf). (B, C), (B, C), (B, k'), (B, k') -> (B, k')"""
+    zr_top = z_r.gather(1, top)
+    if option != "combined":
+        return zr_top
+    return doc_log_weights(z_dpr.gather(1, top), top_mask) + doc_log_weights(zr_top, top_mask)
 
 
 # --------------------------------------------------------------------------- the model
@@ -230,8 +267,8 @@ class StepParts:
     nll: torch.Tensor
     kl: torch.Tensor | None = None
     doc_scores: torch.Tensor | None = None  # (B, k) the scores that weighted the marginalization
-    candidates: list[list[str]] = field(default_factory=list)
-    top: list[list[str]] = field(default_factory=list)
+    candidates: list[list[Any]] = field(default_factory=list)  # pids (stage 2) or Candidates (stage 4)
+    top: list[list[str]] = field(default_factory=list)             # the pids the generator saw
 
 
 def rag_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping, *, n_docs: int,
@@ -239,64 +276,76 @@ def rag_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping,
     """Stage 2 loss: DPR top-``n_docs`` from ``index``, weights softmax(q . p), ``marginal_loss``."""
     queries = [x["query"] for x in batch]
     q = model.biencoder.encode_queries(queries)                               # (B, D)
-    hits = dpr_retrieve(index, q, n_docs)
-    n = min(len(h) for h in hits)
-    pids = [[h.pid for h in hs[:n]] for hs in hits]
-    scores, _ = passage_scores(index, q, pids, model.biencoder.logit_scale)  # (B, n)
+    pids = [[h.pid for h in hs] for hs in dpr_retrieve(index, q, n_docs)]
+    scores, mask = passage_scores(index, q, pids, model.biencoder.logit_scale)  # (B, n), (B, n)
     gen = model.generator
     enc_t = gen.tokenize_targets([x["target"] for x in batch])
-    passages = [[lookup[p][:2] for p in row] for row in pids]
+    passages = padded_rows([[lookup[p][:2] for p in row] for row in pids], mask.shape[1])
     lp = gen.forward_logprobs(queries, passages, enc_t)                       # (B, n, T)
-    nll = marginal_loss(lp, enc_t["attention_mask"].to(lp.device), scores, kind=kind)
+    nll = marginal_loss(lp, enc_t["attention_mask"].to(lp.device), scores, kind=kind, doc_mask=mask)
     return StepParts(nll, nll.detach(), None, scores, pids, pids)
 
 
-def e2e_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping, *, option: str, dpr_k: int,
-             rerank_k: int, kind: str = "sequence", temperature: float = 10.0, distill_weight: float = 1.0) -> StepParts:
-    """Stage 4 loss for one micro-batch (each example has ``query``, ``target`` and ``bm25`` pids)."""
+@dataclass
+class Reranked:
+    """Stage 4's path for a batch of queries, up to the generator: the candidates, their DPR and
+    reranker scores, the reranker's top and the scores that weight the marginalization over it."""
+
+    dpr: list[list[Candidate]]       # DPR top-k per query (before fusion)
+    candidates: list[list[Candidate]]
+    z_dpr: torch.Tensor              # (B, C) scale * q . p (gradient to the query encoder)
+    z_r: torch.Tensor                # (B, C) the reranker's scores
+    mask: torch.Tensor               # (B, C) real candidates
+    top: torch.Tensor                # (B, k') positions of the reranker's top, best first
+    top_mask: torch.Tensor           # (B, k') real entries of the top
+    doc_scores: torch.Tensor         # (B, k') weights of the marginalization (before softmax)
+
+    def top_candidates(self) -> list[list[Candidate]]:
+        """The reranker's top per query (real entries only), with ``rerank_score`` and ``rerank_rank``."""
+        z = self.z_r.detach().float().cpu()
+        return [[c[j].with_(rerank_score=float(z[b, j]), rerank_rank=r)
+                 for r, (j, m) in enumerate(zip(row, keep)) if m]
+                for b, (c, row, keep) in enumerate(zip(self.candidates, self.top.tolist(), self.top_mask.tolist()))]
+
+
+def retrieve_rerank(model: Re2GModel, queries: Sequence[str], bm25: Sequence[Sequence[Candidate]], index,
+                    lookup: Mapping, retrieval: RetrievalConfig, *, option: str,
+                    rerank_batch_size: int | None = None) -> Reranked:
+    """Stage 4's retrieve -> fuse -> rerank for ``queries`` with their BM25 hits: DPR from ``index``,
+    :func:`re2g.index.fusion.fuse`, the reranker's :meth:`~re2g.models.reranker.CrossEncoder.score_lists`
+    and :func:`~re2g.models.reranker.rerank_top` (``retrieval.rerank_top_k``). Every list keeps its own
+    length (padded tensors + masks): a query's result never depends on the others in the batch."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and option != "frozen"):
+        q = model.biencoder.encode_queries(list(queries))                    # (B, D)
+    dpr, cands = fused_candidates(index, q, bm25, lookup, retrieval)
+    z_dpr, mask = passage_scores(index, q, [[c.pid for c in row] for row in cands],
+                                 model.biencoder.logit_scale)                # (B, C)
+    z_r, _ = model.reranker.score_lists(queries, cands, batch_size=rerank_batch_size)  # (B, C)
+    top, top_mask = rerank_top(z_r, mask, retrieval.rerank_top_k)            # (B, k')
+    return Reranked(dpr, cands, z_dpr, z_r, mask, top, top_mask, top_doc_scores(z_r, z_dpr, top, top_mask, option))
+
+
+def e2e_step(model: Re2GModel, batch: Sequence[Mapping], index, lookup: Mapping, *, option: str,
+             retrieval: RetrievalConfig, kind: str = "sequence", temperature: float = 10.0,
+             distill_weight: float = 1.0) -> StepParts:
+    """Stage 4 loss for one micro-batch (each example has ``query``, ``target`` and ``bm25``:
+    :func:`bm25_entries`)."""
     if option not in QUERY_ENCODER_OPTIONS:
         raise ValueError(f"query_encoder option must be one of {QUERY_ENCODER_OPTIONS}, got {option!r}")
     queries = [x["query"] for x in batch]
-    with torch.set_grad_enabled(torch.is_grad_enabled() and option != "frozen"):
-        q = model.biencoder.encode_queries(queries)                           # (B, D)
-    dpr = [[h.pid for h in hs] for hs in dpr_retrieve(index, q, dpr_k)]
-    cands = merge_candidates(dpr, [x.get("bm25", []) for x in batch])
-    z_dpr, mask = passage_scores(index, q, cands, model.biencoder.logit_scale)  # (B, C)
-    z_r = rerank_matrix(model.reranker, queries, cands, lookup, mask)         # (B, C)
-    top, doc = rerank_top(z_r, z_dpr, mask, rerank_k, option)                # (B, k) best first, (B, k)
-    top_pids = [[c[j] for j in row] for c, row in zip(cands, top.tolist())]
+    r = retrieve_rerank(model, queries, [bm25_hits(x.get("bm25", []), lookup) for x in batch], index, lookup,
+                        retrieval, option=option)
+    top = r.top_candidates()
     gen = model.generator
     enc_t = gen.tokenize_targets([x["target"] for x in batch])
-    lp = gen.forward_logprobs(queries, [[lookup[p][:2] for p in row] for row in top_pids], enc_t)  # (B, k, T)
-    nll = marginal_loss(lp, enc_t["attention_mask"].to(lp.device), doc, kind=kind)
+    lp = gen.forward_logprobs(queries, padded_rows(top, r.top.shape[1]), enc_t)  # (B, k', T)
+    nll = marginal_loss(lp, enc_t["attention_mask"].to(lp.device), r.doc_scores, kind=kind, doc_mask=r.top_mask)
     loss, kl = nll, None
     if option == "distill":
-        kl = distill_kl(z_r, z_dpr, mask, temperature)
+        kl = distill_kl(r.z_r, r.z_dpr, r.mask, temperature)
         loss = nll + distill_weight * kl
-    return StepParts(loss, nll.detach(), None if kl is None else kl.detach(), doc, cands, top_pids)
-
-
-def rerank_top(z_r: torch.Tensor, z_dpr: torch.Tensor, mask: torch.Tensor, k: int,
-               option: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reranker's top-``k`` candidate positions (B, k), best first, and the document scores that
-    weight the marginalization over them: ``log_softmax(z_dpr) + log_softmax(z_r)`` for ``combined``,
-    else ``z_r`` (B, k)."""
-    k = min(k, int(mask.sum(-1).min()))
-    top = z_r.detach().masked_fill(~mask, float("-inf")).topk(k, dim=-1).indices
-    zr_top, zd_top = z_r.gather(1, top), z_dpr.gather(1, top)
-    doc = (torch.log_softmax(zd_top, -1) + torch.log_softmax(zr_top, -1)) if option == "combined" else zr_top
-    return top, doc
-
-
-def rerank_matrix(reranker, queries: Sequence[str], cands: Sequence[Sequence[str]], lookup: Mapping,
-                  mask: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """Reranker scores z_r of every (query, candidate), (B, C) padded with 0 where ``mask`` is False."""
-    flat_q = [q for q, c in zip(queries, cands) for _ in c]
-    flat = [p for c in cands for p in c]
-    z = reranker.score_pairs(flat_q, [lookup[p][0] for p in flat], [lookup[p][1] for p in flat],
-                             batch_size=batch_size)                           # (n,)
-    out = torch.zeros(mask.shape, dtype=z.dtype, device=z.device)
-    return out.masked_scatter(mask.to(z.device), z)
+    return StepParts(loss, nll.detach(), None if kl is None else kl.detach(), r.doc_scores, r.candidates,
+                     [[c.pid for c in row] for row in top])
 
 
 # --------------------------------------------------------------------------- dev evaluation
@@ -335,7 +384,9 @@ def _chunks(n: int, size: int):
 @torch.no_grad()
 def evaluate_rag(model: Re2GModel, gold: Sequence, index, lookup: Mapping, *, n_docs: int,
                  generation: GenerationConfig, batch_size: int = 32) -> dict[str, float]:
-    """Stage 2 dev metrics: DPR top-n from the index, answers weighted by softmax(q . p)."""
+    """Stage 2 dev metrics: DPR top-n from the index, answers (:func:`re2g.models.decoding.decode`)
+    weighted by softmax(scale * q . p), the weights the training loss uses. Per query, whatever the
+    batch: the same metrics for any ``batch_size`` and order."""
     from re2g.models.decoding import decode
     from re2g.models.encoders import eval_mode
 
@@ -343,20 +394,23 @@ def evaluate_rag(model: Re2GModel, gold: Sequence, index, lookup: Mapping, *, n_
     with eval_mode(model):
         for s in _chunks(len(gold), batch_size):
             queries = [g.input for g in gold[s]]
-            q = model.biencoder.encode_queries(queries)
-            hits = dpr_retrieve(index, q, n_docs)
-            passages = [_hits([h.pid for h in hs], lookup, scores=[h.score for h in hs]) for hs in hits]
-            answers += decode(model.generator, queries, passages, [[h.score for h in hs] for hs in hits], generation)
+            q = model.biencoder.encode_queries(queries)                     # (B, D)
+            hits = [with_passages(hs, lookup) for hs in dpr_retrieve(index, q, n_docs)]
+            scores, _ = passage_scores(index, q, [[h.pid for h in hs] for hs in hits], model.biencoder.logit_scale)
+            answers += decode(model.generator, queries, hits,
+                              [scores[b, :len(hs)].tolist() for b, hs in enumerate(hits)], generation)
     return {f"dev_{k}": round(float(v), 6) for k, v in kilt_scores(gold, _predictions(gold, answers)).items()}
 
 
 @torch.no_grad()
-def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence[str]], index, lookup: Mapping, *,
-                 option: str, dpr_k: int, rerank_k: int, generation: GenerationConfig, temperature: float,
+def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence], index, lookup: Mapping, *,
+                 option: str, retrieval: RetrievalConfig, generation: GenerationConfig, temperature: float,
                  batch_size: int = 16) -> dict[str, float]:
-    """Stage 4 dev metrics: the full retrieve (DPR + BM25) -> rerank -> generate path; plus the KL
-    between the reranker's and DPR's distributions over the candidates (at T and at 1) and the page
-    R-Precision of DPR's own top-k."""
+    """Stage 4 dev metrics through training's own path (:func:`retrieve_rerank`: DPR + BM25 fused as
+    serving fuses, the reranker's top-k) and :func:`re2g.models.decoding.decode`; plus the KL between
+    the reranker's and DPR's distributions over the candidates (at T and at 1) and the page
+    R-Precision of DPR's own top-k. ``bm25``: each query's :func:`bm25_entries`. Per query, whatever
+    the batch: the same metrics for any ``batch_size`` and order."""
     from re2g.models.decoding import decode
     from re2g.models.encoders import eval_mode
     from re2g.models.losses import listwise_kl
@@ -365,27 +419,15 @@ def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence[str]]
     with eval_mode(model):
         for s in _chunks(len(gold), batch_size):
             queries = [g.input for g in gold[s]]
-            q = model.biencoder.encode_queries(queries)
-            dpr_hits = dpr_retrieve(index, q, dpr_k)
-            dpr = [[h.pid for h in hs] for hs in dpr_hits]
-            dpr_lists += dpr
-            cands = merge_candidates(dpr, bm25[s])
-            z_dpr, mask = passage_scores(index, q, cands, model.biencoder.logit_scale)
-            z_r = rerank_matrix(model.reranker, queries, cands, lookup, mask, batch_size=64)
-            kls.append(float(distill_kl(z_r, z_dpr, mask, temperature)) * len(queries))
-            kls1.append(float(listwise_kl(z_r, z_dpr, mask)) * len(queries))
-            top, doc = rerank_top(z_r, z_dpr, mask, rerank_k, option)
-            passages = []
-            for b, (c, row) in enumerate(zip(cands, top.tolist())):
-                src = {p: "dpr" for p in dpr[b]}
-                src.update({p: "bm25" for p in bm25[s][b] if p not in src})
-                ps = [c[j] for j in row]
-                hits = _hits(ps, lookup, src, [float(z_dpr[b, j]) for j in row])
-                from re2g.pipeline import RerankedHit
-
-                passages.append([RerankedHit(**h.__dict__, rerank_score=float(z_r[b, j]), rerank_rank=r)
-                                 for r, (h, j) in enumerate(zip(hits, row))])
-            answers += decode(model.generator, queries, passages, doc.tolist(), generation)
+            r = retrieve_rerank(model, queries, [bm25_hits(e, lookup) for e in bm25[s]], index, lookup, retrieval,
+                                option=option, rerank_batch_size=64)
+            dpr_lists += [[h.pid for h in hs] for hs in r.dpr]
+            for b in range(len(queries)):  # per query: sums that do not depend on the batch
+                row = slice(b, b + 1)
+                kls.append(float(distill_kl(r.z_r[row], r.z_dpr[row], r.mask[row], temperature)))
+                kls1.append(float(listwise_kl(r.z_r[row], r.z_dpr[row], r.mask[row])))
+            doc = [r.doc_scores[b, :int(n)].tolist() for b, n in enumerate(r.top_mask.sum(-1))]
+            answers += decode(model.generator, queries, r.top_candidates(), doc, generation)
     n = max(len(gold), 1)
     out = {f"dev_{k}": round(float(v), 6) for k, v in kilt_scores(gold, _predictions(gold, answers)).items()}
     out["dev_kl"] = round(sum(kls) / n, 6)
@@ -483,8 +525,7 @@ class E2EStage(_GenStageBase):
     reranker_dir: str = ""
     option: str = "distill"
     reranker_lr: float | None = None
-    dpr_k: int = 12
-    rerank_k: int = 5
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # dpr/bm25_top_k, fusion, rerank_top_k
     temperature: float = 10.0
     distill_weight: float = 1.0
     dev_bm25: list = field(default_factory=list)
@@ -510,8 +551,8 @@ class E2EStage(_GenStageBase):
         return groups
 
     def step(self, model, batch: list[dict]) -> StepParts:
-        return e2e_step(model, batch, self._index(), self.lookup, option=self.option, dpr_k=self.dpr_k,
-                        rerank_k=self.rerank_k, kind=self.marginalization, temperature=self.temperature,
+        return e2e_step(model, batch, self._index(), self.lookup, option=self.option, retrieval=self.retrieval,
+                        kind=self.marginalization, temperature=self.temperature,
                         distill_weight=self.distill_weight)
 
     def loss(self, model, batch: list[dict]) -> tuple[torch.Tensor, int]:
@@ -519,7 +560,7 @@ class E2EStage(_GenStageBase):
 
     def evaluate(self, model) -> dict[str, float]:
         return self._remember(evaluate_e2e(model, self.gold, self.dev_bm25, self._index(), self.lookup,
-                                           option=self.option, dpr_k=self.dpr_k, rerank_k=self.rerank_k,
+                                           option=self.option, retrieval=self.retrieval,
                                            generation=self.generation, temperature=self.temperature))
 
     @torch.no_grad()
@@ -568,13 +609,14 @@ def training_examples(kilt_path: str, limit: int | None = None) -> list[dict]:
     return out
 
 
-def bm25_pids(cfg, inputs, queries: Sequence[str], k: int) -> list[list[str]]:
-    """BM25 top-``k`` pids per query (retrieved once, in the driver)."""
+def bm25_top(cfg, inputs, queries: Sequence[str]) -> list[list[list]]:
+    """BM25 top-``retrieval.bm25_top_k`` per query as :func:`bm25_entries` (retrieved once, in the driver)."""
     from re2g.train.api import _bm25
 
+    k = cfg.retrieval.bm25_top_k
     if k <= 0:
         return [[] for _ in queries]
-    return [[h.pid for h in hs] for hs in _bm25(cfg, inputs).batch_search(list(queries), k)]
+    return [bm25_entries(hs) for hs in _bm25(cfg, inputs).batch_search(list(queries), k)]
 
 
 # --------------------------------------------------------------------------- driver side: the two stages
@@ -752,10 +794,10 @@ def train_e2e(cfg, *, query_encoder: str | None = None, inputs=None, fail_once_a
     rr = c.reranker or start_reranker(cfg, inputs)
     r = cfg.retrieval
     examples = training_examples(inputs.train_file)
-    for x, pids in zip(examples, bm25_pids(cfg, inputs, [x["query"] for x in examples], r.bm25_top_k)):
-        x["bm25"] = pids
+    for x, hits in zip(examples, bm25_top(cfg, inputs, [x["query"] for x in examples])):
+        x["bm25"] = hits
     gold = _dev_gold(inputs, c.max_dev_queries)
-    dev_bm25 = bm25_pids(cfg, inputs, [g.input for g in gold], r.bm25_top_k)
+    dev_bm25 = bm25_top(cfg, inputs, [g.input for g in gold])
     plan = plan_examples(examples, batch_size=c.batch_size, epochs=c.epochs, world=cfg.train.num_workers,
                          grad_accum=c.grad_accum, max_steps=c.max_steps, seed=c.seed)
     kind = c.marginalization or cfg.generation.marginalization
@@ -765,7 +807,7 @@ def train_e2e(cfg, *, query_encoder: str | None = None, inputs=None, fail_once_a
                          lr=c.lr, weight_decay=c.weight_decay, name=f"e2e-{option}", index=handle, biencoder_dir=bi,
                          generator_dir=gen, reranker_dir=rr, gold=gold, generation=cfg.generation,
                          marginalization=kind, query_encoder_lr=c.query_encoder_lr, reranker_lr=c.reranker_lr,
-                         option=option, dpr_k=r.dpr_top_k, rerank_k=r.rerank_top_k, temperature=c.distill_temperature,
+                         option=option, retrieval=r, temperature=c.distill_temperature,
                          distill_weight=c.distill_weight, dev_bm25=dev_bm25)
         log(f"[e2e-{option}] {len(examples)} training examples; DPR top-{r.dpr_top_k} ({handle.num_shards} shard "
             f"actors) + BM25 top-{r.bm25_top_k} -> reranker top-{r.rerank_top_k} -> RAG-{kind.capitalize()}; "
