@@ -375,7 +375,7 @@ def answer(
     for c in ("#", "pid", "title", "source", "retrieval", "rerank", "weight"):
         t.add_column(c)
     for i, p in enumerate(ans.provenance):
-        t.add_row(str(i + 1), p.pid, p.title, p.source, f"{p.retrieval_score:.3f}", f"{p.rerank_score:.3f}",
+        t.add_row(str(i + 1), p.pid, p.title, p.source, f"{p.score:.3f}", f"{p.rerank_score:.3f}",
                   f"{p.weight:.3f}")
     out.print(t)
 

@@ -38,11 +38,13 @@ answer comes whole, when it exists: beam search (RAG-Sequence and RAG-Token alik
 The request models come from :func:`serve.schemas.request_models` with this deployment's limits, so
 ``/openapi.json`` states what is checked (see :mod:`serve.schemas`); a query over ``max_query_tokens``
 tokens is cut to them (:func:`fit_query`) rather than refused.
+
+Around it: :mod:`serve.guard` (the errors, the API key / body / content-type middleware, validation
+errors), :mod:`serve.events` (the event stream), :mod:`serve.schemas` (the bodies; the passage shapes
+derived from :class:`re2g.types.Candidate`).
 """
 
 import asyncio
-import hmac
-import json
 import logging
 import math
 import time
@@ -52,19 +54,19 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from re2g.types import Hit
+from re2g.models.decoding import Answer
+from re2g.types import Candidate
+from serve.events import STREAM_END, EventStream
+from serve.guard import ERROR_RESPONSES, ApiError, GuardMiddleware, bad_field, internal_error, validation_error
 from serve.metrics import IngressMetrics
 from serve.schemas import (
     AnswerResponse,
     BatchAnswerResponse,
     CandidateOut,
     ComponentHealth,
-    ErrorResponse,
-    FieldError,
     HealthResponse,
     HitOut,
     InfoResponse,
@@ -73,19 +75,15 @@ from serve.schemas import (
     RerankedOut,
     RerankResponse,
     RetrieveResponse,
-    StreamDone,
     Timings,
     answer_stream_openapi,
+    json_number,
     request_models,
 )
 
 log = logging.getLogger("re2g.serve")
 
 STATIC_DIR = Path(__file__).parent / "static"
-KNOWN_ROUTES = frozenset({"/", "/docs", "/openapi.json", "/healthz", "/v1/info", "/v1/answer", "/v1/answer:batch",
-                          "/v1/retrieve", "/v1/rerank"})
-JSON_TYPES = ("application/json",)
-READ_AS_JSON = ("", "application/x-www-form-urlencoded", "text/plain")   # curl -d, fetch with a string body
 
 
 @dataclass
@@ -111,13 +109,13 @@ class ApiSettings:
 class Backend(Protocol):
     """The three stages as awaitables (one query, or many as one batch), health, and token counting."""
 
-    async def retrieve(self, query: str) -> list[Hit]: ...
+    async def retrieve(self, query: str) -> list[Candidate]: ...
 
-    async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]: ...
+    async def retrieve_many(self, queries: list[str]) -> list[list[Candidate]]: ...
 
-    async def rerank(self, query: str, hits: list[Hit], top_k: int | None) -> list: ...
+    async def rerank(self, query: str, hits: list[Candidate], top_k: int | None) -> list: ...
 
-    async def rerank_many(self, queries: list[str], hits: list[list[Hit]], top_k: int | None) -> list[list]: ...
+    async def rerank_many(self, queries: list[str], hits: list[list[Candidate]], top_k: int | None) -> list[list]: ...
 
     async def generate(self, query: str, reranked: list) -> Any: ...
 
@@ -128,316 +126,19 @@ class Backend(Protocol):
     def count_tokens(self, query: str) -> int: ...
 
 
-class ApiError(Exception):
-    """An error answered as JSON with ``status``, an error code, a message and the fields at fault."""
-
-    def __init__(self, status: int, error: str, message: str, errors: Sequence[tuple[str, str]] = (),
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-        self.errors = [FieldError(field=f, reason=r) for f, r in errors]
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(error=self.error, message=self.message, errors=self.errors)
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
-
-
-def bad_field(name: str, reason: str, status: int = 422) -> ApiError:
-    return ApiError(status, "invalid_request", f"{name}: {reason}", [(name, reason)])
-
-
-def internal_error(exc: BaseException) -> ApiError:
-    """The 500 of an unexpected exception (logged where it is caught)."""
-    return ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the ingress logs")
-
-
-# --------------------------------------------------------------------------- middleware
-
-
-def _route_path(scope: dict) -> str:
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    return path
-
-
-async def _send_error(scope, receive, send, err: ApiError) -> None:
-    await err.response()(scope, receive, send)
-
-
-class GuardMiddleware:
-    """API key (``/v1/*``), body size limit, content type, and the request counter -- before routing.
-
-    The whole body of a POST is read here (at most ``max_body_bytes``; a larger ``Content-Length`` is
-    refused before reading) and handed on, so a slow or huge upload never reaches the app."""
-
-    def __init__(self, app, settings: ApiSettings, metrics: IngressMetrics):
-        self.app = app
-        self.s = settings
-        self.metrics = metrics
-        self._key = settings.api_key.encode() if settings.api_key else None
-        self._header = settings.api_key_header.lower().encode("latin-1")
-
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        given = None
-        for k, v in headers:
-            if k == self._header:
-                given = v.strip()
-            elif k == b"authorization" and given is None and v[:7].lower() == b"bearer ":
-                given = v[7:].strip()
-        return given is not None and hmac.compare_digest(given, self._key)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = _route_path(scope)
-        route = path if path in KNOWN_ROUTES else "other"
-        status_seen: list[int] = []
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status_seen.append(int(message["status"]))
-            await send(message)
-
-        try:
-            err = None
-            headers = scope.get("headers") or []
-            if self._key is not None and path.startswith("/v1/") and scope.get("method") != "OPTIONS" \
-                    and not self._authorized(headers):
-                err = ApiError(401, "unauthorized", f"missing or wrong API key: send it in the "
-                               f"{self.s.api_key_header} header (or Authorization: Bearer KEY)",
-                               [(self.s.api_key_header, "missing or wrong API key")],
-                               headers={"WWW-Authenticate": f'ApiKey header="{self.s.api_key_header}"'})
-            elif scope.get("method") in ("POST", "PUT", "PATCH"):
-                err, receive = await self._read_body(scope, receive, path)
-            if err is not None:
-                await _send_error(scope, receive, send_wrapper, err)
-                return
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.request(route, status_seen[0] if status_seen else 499)
-
-    async def _read_body(self, scope, receive, path: str):
-        limit = self.s.max_body_bytes
-        too_large = ApiError(413, "payload_too_large", f"the request body is larger than {limit} bytes",
-                             [("body", f"larger than {limit} bytes")])
-        headers = list(scope.get("headers") or [])
-        for k, v in headers:
-            if k == b"content-length":
-                try:
-                    if int(v) > limit:
-                        return too_large, receive
-                except ValueError:
-                    return ApiError(400, "invalid_request", "Content-Length is not a number",
-                                    [("content-length", "not a number")]), receive
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return ApiError(400, "invalid_request", "client disconnected"), receive
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                return too_large, receive
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        data = b"".join(chunks)
-        if path.startswith("/v1/"):
-            ctype = next((v.decode("latin-1") for k, v in headers if k == b"content-type"), "")
-            base = ctype.split(";")[0].strip().lower()
-            if base in READ_AS_JSON:
-                headers = [(k, v) for k, v in headers if k != b"content-type"] + \
-                          [(b"content-type", b"application/json")]
-                scope["headers"] = headers
-            elif not (base in JSON_TYPES or base.endswith("+json")):
-                return ApiError(415, "unsupported_media_type", f"the body must be JSON, got {ctype!r}",
-                                [("content-type", f"expected application/json, got {ctype!r}")]), receive
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()
-
-        return None, replay
-
-
-# --------------------------------------------------------------------------- validation errors
-
-
-def _field_name(loc: Sequence[Any]) -> str:
-    parts = list(loc)
-    if parts and parts[0] == "body":
-        parts = parts[1:]
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += ("." if out else "") + str(p)
-    return out or "body"
-
-
-def _reason(e: dict) -> str:
-    t, msg = e.get("type", ""), str(e.get("msg", ""))
-    if t == "missing":
-        return "required"
-    if t == "string_too_long":
-        n = len(e["input"]) if isinstance(e.get("input"), str) else "too many"
-        return f"has {n} characters; the limit is {(e.get('ctx') or {}).get('max_length')} characters"
-    if t == "extra_forbidden":
-        return "unknown field"
-    if t in ("model_attributes_type", "dict_type", "model_type"):
-        return "expected a JSON object"
-    return msg.removeprefix("Value error, ")
-
-
-def validation_error(exc: RequestValidationError, query_note: str = "") -> ApiError:
-    """FastAPI's validation errors as one :class:`ApiError`: 400 for a body that is not JSON, else 422.
-    ``query_note`` is appended to the reason of a query that is too long."""
-    errs = exc.errors()
-    bad_json = next((e for e in errs if e.get("type") == "json_invalid"), None)
-    if bad_json is not None:
-        ctx = bad_json.get("ctx") or {}
-        pos = bad_json["loc"][1] if len(bad_json.get("loc", ())) > 1 else "?"
-        reason = f"not valid JSON: {ctx.get('error', 'decode error')} at character {pos}"
-        return ApiError(400, "invalid_json", f"body: {reason}", [("body", reason)])
-    fields = []
-    for e in errs:
-        loc = e.get("loc", ())
-        if loc and loc[0] not in ("body",):      # query/path/header parameters: keep their kind
-            fields.append((".".join(str(p) for p in loc), _reason(e)))
-        else:
-            name, reason = _field_name(loc), _reason(e)
-            if query_note and e.get("type") == "string_too_long" and (name == "query" or name.startswith("queries[")):
-                reason += query_note
-            fields.append((name, reason))
-    if not fields:
-        fields = [("body", "invalid")]
-    message = "; ".join(f"{f}: {r}" for f, r in fields)
-    return ApiError(422, "invalid_request", message, fields)
-
-
 # --------------------------------------------------------------------------- conversions
 
 
-def _num(x: Any) -> float | None:
-    """JSON-safe float: None for None, NaN and infinities."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def hit_out(h: Hit, with_text: bool = True) -> HitOut:
-    return HitOut(pid=h.pid, title=h.title, text=h.text if with_text else None, wikipedia_id=h.wikipedia_id,
-                  source=h.source, score=_num(h.score) or 0.0, rank=h.rank)
-
-
-def reranked_out(h: Any, given: bool = False, with_text: bool = True) -> RerankedOut:
-    return RerankedOut(pid=h.pid, title=h.title, text=h.text if with_text else None, wikipedia_id=h.wikipedia_id,
-                       source=None if given else h.source, score=None if given else _num(h.score), rank=h.rank,
-                       rerank_score=_num(h.rerank_score) or 0.0, rerank_rank=h.rerank_rank)
-
-
-def answer_out(a: Any, timings: Timings, return_passages: bool = True, truncated: bool = False) -> AnswerResponse:
-    """``re2g.models.decoding.Answer`` -> :class:`AnswerResponse`."""
+def answer_out(a: Answer, timings: Timings, return_passages: bool = True, truncated: bool = False) -> AnswerResponse:
+    """``re2g.models.decoding.Answer`` -> :class:`AnswerResponse` (its provenance candidates as
+    :class:`ProvenanceOut`)."""
     return AnswerResponse(
         query=a.query, query_truncated=truncated, answer=a.answer,
-        candidates=[CandidateOut(text=c.text, logprob=_num(c.logprob)) for c in a.candidates],
-        provenance=[ProvenanceOut(pid=p.pid, title=p.title, text=p.text if return_passages else None,
-                                  wikipedia_id=p.wikipedia_id, source=p.source,
-                                  retrieval_score=_num(p.retrieval_score), rerank_score=_num(p.rerank_score),
-                                  weight=_num(p.weight) or 0.0) for p in a.provenance],
-        timings=timings)
-
-
-# --------------------------------------------------------------------------- server-sent events
-
-
-def sse_event(event: str, data: BaseModel | dict) -> bytes:
-    """One server-sent event: ``event: NAME`` and the JSON of ``data`` on one ``data:`` line."""
-    body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data, separators=(",", ":"))
-    return f"event: {event}\ndata: {body}\n\n".encode()
-
-
-PING = b": ping\n\n"
-STREAM_END = None      # what the producer puts in the queue last
-
-
-class EventStream(StreamingResponse):
-    """``text/event-stream`` of ``(event, payload)`` items that a producer task puts in ``queue`` (then
-    ``None``), starting with ``first``; an ``error`` item's payload is the :class:`ApiError`, sent as its
-    :class:`ErrorResponse`; ``done`` last (``ok``: no ``error`` event was sent). A ``: ping``
-    comment goes out after ``ping_s`` s without an event, so proxies keep an idle connection open.
-
-    The client's disconnect (``http.disconnect``, a failed send, or the request's task cancelled, as
-    Serve does when the HTTP client goes away) cancels the producer, and with it the stage call in flight
-    (a DeploymentHandle call cancelled is cancelled in its replica)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, first: tuple[str, Any], queue: asyncio.Queue, producer: asyncio.Task, ping_s: float):
-        super().__init__(iter(()), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.first, self.queue, self.producer, self.ping_s = first, queue, producer, ping_s
-
-    async def _next(self, send) -> tuple[str, Any] | None:
-        while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), self.ping_s)
-            except (asyncio.TimeoutError, TimeoutError):
-                await send({"type": "http.response.body", "body": PING, "more_body": True})
-
-    async def __call__(self, scope, receive, send) -> None:
-        async def watch():
-            try:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-            except Exception:               # no receive left to read: the same as gone
-                pass
-            self.producer.cancel()          # nobody is listening: stop the stages still to run
-
-        watcher = asyncio.create_task(watch())
-        ok = True
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            item = self.first
-            while item is not STREAM_END:
-                name, payload = item
-                if name == "error":
-                    ok = False
-                    payload = ErrorResponse(error=payload.error, message=payload.message, errors=payload.errors)
-                await send({"type": "http.response.body", "body": sse_event(name, payload), "more_body": True})
-                item = await self._next(send)
-            await send({"type": "http.response.body", "body": sse_event("done", StreamDone(ok=ok)),
-                        "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:                     # the client went away while we sent
-            pass
-        finally:
-            watcher.cancel()
-            self.producer.cancel()
+        candidates=[CandidateOut(text=c.text, logprob=json_number(c.logprob)) for c in a.candidates],
+        provenance=[ProvenanceOut.from_candidate(p, return_passages) for p in a.provenance], timings=timings)
 
 
 # --------------------------------------------------------------------------- the app
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "the body is not JSON"},
-    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
-    413: {"model": ErrorResponse, "description": "the body is larger than serve.max_body_bytes (never for a "
-          "schema-valid request in compact JSON: the item limits are chosen so)"},
-    415: {"model": ErrorResponse, "description": "the body is not JSON (content type)"},
-    422: {"model": ErrorResponse, "description": "a field is wrong (named in errors[].field)"},
-    503: {"model": ErrorResponse, "description": "queues full (see Retry-After) or a deployment unavailable"},
-    504: {"model": ErrorResponse, "description": "the deadline passed"},
-}
 
 
 def fit_query(query: str, count_tokens: Callable[[str], int], limit: int) -> tuple[str, bool]:
@@ -595,12 +296,12 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             hits = (await backend.retrieve(q))[:k]
             t.append(time.perf_counter())
             queue.put_nowait(("retrieved", RetrieveResponse(
-                query=q, query_truncated=cut, hits=[hit_out(h, text) for h in hits],
+                query=q, query_truncated=cut, hits=[HitOut.from_candidate(h, text) for h in hits],
                 timings=Timings(retrieve=t[1] - t[0], total=t[1] - t[0]))))
             reranked = await backend.rerank(q, hits, n_docs)
             t.append(time.perf_counter())
             queue.put_nowait(("reranked", RerankResponse(
-                query=q, query_truncated=cut, passages=[reranked_out(h, with_text=text) for h in reranked],
+                query=q, query_truncated=cut, passages=[RerankedOut.from_candidate(h, text) for h in reranked],
                 timings=Timings(retrieve=t[1] - t[0], rerank=t[2] - t[1], total=t[2] - t[0]))))
             ans = await backend.generate(q, reranked)
             t.append(time.perf_counter())
@@ -689,7 +390,7 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
             hits = (await backend.retrieve(q))[:k]
             dt = time.perf_counter() - t0
             metrics.stage("retrieve", dt)
-            return RetrieveResponse(query=q, query_truncated=cut, hits=[hit_out(h) for h in hits],
+            return RetrieveResponse(query=q, query_truncated=cut, hits=[HitOut.from_candidate(h) for h in hits],
                                     timings=Timings(retrieve=dt, total=dt))
 
         return await guarded(req.timeout_s, work)
@@ -699,15 +400,15 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
     async def rerank(req: RerankRequest) -> RerankResponse:
         """Score each passage against the query with the cross-encoder; best first, the first ``top_k``."""
         q, cut = check_query(req.query)
-        hits = [Hit(pid=p.pid if p.pid is not None else str(i), score=0.0, rank=i, source="rerank",
-                    title=p.title, text=p.text) for i, p in enumerate(req.passages)]
+        hits = [Candidate(pid=p.pid if p.pid is not None else str(i), score=0.0, rank=i, source="rerank",
+                          title=p.title, text=p.text) for i, p in enumerate(req.passages)]
 
         async def work():
             t0 = time.perf_counter()
             ranked = await backend.rerank(q, hits, req.top_k)
             dt = time.perf_counter() - t0
             metrics.stage("rerank", dt)
-            return RerankResponse(query=q, query_truncated=cut, passages=[reranked_out(h, given=True) for h in ranked],
+            return RerankResponse(query=q, query_truncated=cut, passages=[RerankedOut.from_candidate(h) for h in ranked],
                                   timings=Timings(rerank=dt, total=dt))
 
         return await guarded(req.timeout_s, work)

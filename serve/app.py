@@ -8,8 +8,9 @@ HTTP ─ proxy ─ Ingress ─┬─ Retriever   query encoder + dense shards + 
 ```
 (the Ingress: FastAPI; validation, API key, limits, deadline)
 
-Each model deployment is a thin wrapper over re2g's :class:`re2g.pipeline.Re2GPipeline` stage that it
-holds (``retrieve`` / ``rerank`` / ``generate``): the same code as the in-process reference path. Each
+Each model deployment wraps exactly one stage object of :mod:`re2g.stages` (``stage``: its
+``retrieve`` / ``rerank`` / ``generate``), loaded by :mod:`re2g.run` from the run directory: the same
+objects the in-process :class:`re2g.pipeline.Re2GPipeline` composes and ``re2g predict`` runs. Each
 has its own replicas (autoscaling), resources (fractional CPUs, GPUs where configured) and
 ``max_ongoing_requests`` from ``cfg.serve`` (:class:`re2g.config.ServeConfig`), and dynamic batching
 (``@serve.batch``) whose size and wait come in the ``user_config`` (so ``serve/config.yaml`` or a
@@ -17,7 +18,7 @@ redeploy can change them live; ``max_batch_size: 1`` turns batching off). A batc
 replica's user event loop; the requests that arrive meanwhile form the next batch.
 
 With ``serve.batching`` the ingress also coalesces: the stage calls of concurrent requests go as one
-``retrieve_many`` / ``rerank_many`` / ``generate_many`` call per batch (:class:`Coalescer`), so a batch
+``retrieve_many`` / ``rerank_many`` / ``generate_many`` call per batch (``serve.backend.Coalescer``), so a batch
 pays one handle call's overhead instead of one per request (on small models that overhead is as large
 as the compute: docs/benchmarks.md).
 
@@ -27,7 +28,7 @@ Run it:
 * ``serve run serve.app:build_app run_dir=RUN_DIR``, or ``serve run serve/config.yaml`` / ``serve deploy``
   (``import_path: serve.app:build_app``, ``args: {run_dir, config, overrides}``).
 
-At build time :func:`build_app` checks the run directory on files (``serve.components.preflight``), so a
+At build time :func:`build_app` checks the run directory on files (:func:`re2g.run.resolve_run`), so a
 bad run fails at once; each replica then loads its piece, checks its vocabulary, and runs one probe
 before it takes traffic. ``check_health`` probes again when a replica has been idle, so a broken piece
 (a dead JVM, a lost shard actor, NaN scores) takes the replica out.
@@ -35,29 +36,25 @@ before it takes traffic. ``check_health`` probes again when a replica has been i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from re2g.config import Re2GConfig, ServeConfig, ServeDeploymentConfig
-from re2g.pipeline import Re2GPipeline, RerankedHit
-from re2g.types import Hit
-from serve.components import (
-    RunPieces,
-    load_generator,
-    load_query_tokenizer,
-    load_reranker,
-    load_retriever,
-    preflight,
-    resolve_config,
-)
+from re2g.index.fusion import retrieve_k
+from re2g.models.decoding import Answer
+from re2g.run import RunPieces, load_generator, load_reranker, load_retriever, resolve_run, run_config
+from re2g.types import Candidate
+from serve.backend import Coalescer, replica_lost  # noqa: F401  (tests import them from serve.app)
+from serve.backend import HandleBackend, coalesce_settings
+from serve.components import load_query_tokenizer, start_shard_index
 from serve.metrics import ComponentMetrics
 
 log = logging.getLogger("re2g.serve")
@@ -74,21 +71,14 @@ def batch_user_config(d: ServeDeploymentConfig, batching: bool) -> dict:
     return {"max_batch_size": d.max_batch_size if batching else 1, "batch_wait_timeout_s": d.batch_wait_timeout_s}
 
 
-def _stage_cfg(cfg: Re2GConfig, keep_generator: bool) -> Re2GConfig:
-    """The config a one-stage pipeline is built with (separators only matter where the generator is)."""
-    if keep_generator:
-        return cfg
-    g = cfg.generation.model_copy(update={"title_sep": None, "query_sep": None})
-    return cfg.model_copy(update={"generation": g})
-
-
 class _Stage:
     """What the three model deployments share: the compute thread, batching settings, metrics and health.
+    Each holds one stage object of :mod:`re2g.stages` as ``stage``.
 
-    ``_probe`` (per deployment) runs a tiny input through the loaded piece and raises when it is broken.
+    ``_probe`` (per deployment) runs a tiny input through the loaded stage and raises when it is broken.
     """
 
-    stage = "stage"
+    kind = "stage"
 
     def _init_stage(self, run_dir: str, cfg: dict, dcfg_name: str) -> RunPieces:
         from re2g.runtime import pick_device
@@ -103,11 +93,11 @@ class _Stage:
         self._compute_s = 0.0
         self._period = s.health_probe_period_s
         self._probe_timeout = max(1.0, 0.8 * s.health_check_timeout_s)
-        self.metrics = ComponentMetrics(self.stage)
+        self.metrics = ComponentMetrics(self.kind)
         self.device = pick_device(self.cfg.device)
         _set_threads(self.dcfg.num_cpus)
         self.reconfigure(batch_user_config(self.dcfg, s.batching))
-        return preflight(run_dir, self.cfg)
+        return resolve_run(run_dir, self.cfg)
 
     async def _compute(self, n: int, fn, *args):
         """Run ``fn(*args)`` (a batch of ``n`` requests) and record metrics.
@@ -165,7 +155,7 @@ class _Stage:
             return {"ok": False, "detail": f"{type(e).__name__}: {e}"}
 
     def _describe(self) -> str:
-        return f"{self.stage} on {self.device}"
+        return f"{self.kind} on {self.device}"
 
 
 def _set_threads(num_cpus: float) -> None:
@@ -184,90 +174,99 @@ def _finite(values) -> bool:
 
 @serve.deployment(name="Retriever")
 class Retriever(_Stage):
-    """Query encoder + dense shards (in the replica, or in shard actors shared by all replicas) + BM25,
-    fused as ``cfg.retrieval`` says. ``retrieve`` is dynamically batched: one encoder pass, one dense
-    search and one BM25 batch search for all queries of a batch."""
+    """The :class:`re2g.stages.Retriever` of the run: query encoder + dense shards (in the replica, or in
+    shard actors shared by all replicas) + BM25, fused as ``cfg.retrieval`` says. ``retrieve`` is
+    dynamically batched: one encoder pass, one dense search and one BM25 batch search for all queries
+    of a batch."""
 
-    stage = "retrieve"
+    kind = "retrieve"
 
     def __init__(self, run_dir: str, cfg: dict):
         pieces = self._init_stage(run_dir, cfg, "retriever")
         s = self.cfg.serve
         shard_actors = s.shard_actors if s.shard_actors is not None else self.cfg.index.shard_actors
-        self.loaded = load_retriever(pieces, self.cfg, self.device, shard_actors=shard_actors)
-        self.pipe = Re2GPipeline(self.loaded.retriever, None, None, _stage_cfg(self.cfg, False),
-                                 retrieve_k=self.loaded.retrieve_k)
+        self.stage = load_retriever(pieces, self.cfg, self.device,
+                                    open_index=start_shard_index if shard_actors else None)
         self._probe()      # starts the JVM and faiss; fails here, clearly, if a piece is broken
+
+    @property
+    def loaded(self):
+        """Old name of :attr:`stage` (tests/test_serve.py reads ``loaded.dense_index``)."""
+        return self.stage
 
     def _batcher(self):
         return self._retrieve_batch
 
-    async def retrieve(self, query: str) -> list[Hit]:
+    async def retrieve(self, query: str) -> list[Candidate]:
         """Fused, deduplicated candidates for one query, best first (batched with concurrent calls)."""
         return await self._retrieve_batch(query)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _retrieve_batch(self, queries: list[str]) -> list[list[Hit]]:
-        return await self._compute(len(queries), self.pipe.retrieve, queries)
+    async def _retrieve_batch(self, queries: list[str]) -> list[list[Candidate]]:
+        return await self._compute(len(queries), self.stage.retrieve, queries)
 
-    async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
+    async def retrieve_many(self, queries: list[str]) -> list[list[Candidate]]:
         """Candidates for a list of queries, computed as one batch (``/v1/answer:batch``, and the
         ingress's coalesced calls)."""
-        return await self._compute(len(queries), self.pipe.retrieve, list(queries))
+        return await self._compute(len(queries), self.stage.retrieve, list(queries))
 
     def _probe(self) -> None:
         import ray
 
-        idx = self.loaded.dense_index
+        idx = self.stage.dense_index
         if idx is not None and hasattr(idx, "actors"):
             ray.get([a.ready.remote() for a in idx.actors], timeout=self._probe_timeout)
-        hits = self.pipe.retrieve(["health check"])[0]
+        hits = self.stage.retrieve(["health check"])[0]
         if not _finite(h.score for h in hits):
             raise RuntimeError("the retriever returned non-finite scores")
-        if self.loaded.dense_index is not None and self.cfg.retrieval.dpr_top_k > 0 \
-                and not any(h.source == "dpr" for h in hits):
+        if idx is not None and self.cfg.retrieval.dpr_top_k > 0 and not any(h.source == "dpr" for h in hits):
             raise RuntimeError("the dense index returned no hit")
 
     def _describe(self) -> str:
         parts = []
-        if self.loaded.dense_index is not None:
-            kind = "shard actors" if hasattr(self.loaded.dense_index, "actors") else "in-replica shards"
-            parts.append(f"dense ({len(self.loaded.dense_index)} passages, {kind})")
-        if self.loaded.bm25 is not None:
+        idx = self.stage.dense_index
+        if idx is not None:
+            kind = "shard actors" if hasattr(idx, "actors") else "in-replica shards"
+            parts.append(f"dense ({len(idx)} passages, {kind})")
+        if self.stage.bm25 is not None:
             parts.append("bm25")
-        return f"{' + '.join(parts)}, k={self.loaded.retrieve_k}, on {self.device}"
+        return f"{' + '.join(parts)}, k={self.stage.k}, on {self.device}"
 
 
 @serve.deployment(name="Reranker")
 class Reranker(_Stage):
-    """The cross-encoder. ``rerank`` is dynamically batched: the (query, passage) pairs of every
-    request in a batch are scored together."""
+    """The :class:`re2g.stages.Reranker` of the run (the cross-encoder). ``rerank`` is dynamically
+    batched: the (query, passage) pairs of every request in a batch are scored together."""
 
-    stage = "rerank"
+    kind = "rerank"
 
     def __init__(self, run_dir: str, cfg: dict):
         pieces = self._init_stage(run_dir, cfg, "reranker")
-        model = load_reranker(pieces, self.cfg, self.device)
-        self.pipe = Re2GPipeline(None, model, None, _stage_cfg(self.cfg, False))
+        self.stage = load_reranker(pieces, self.cfg, self.device)
         self._probe()
+
+    @property
+    def pipe(self):
+        """Old attribute (tests/test_serve.py reads ``pipe.reranker``): the cross-encoder, ``stage.model``."""
+        return SimpleNamespace(reranker=self.stage.model)
 
     def _batcher(self):
         return self._rerank_batch
 
-    def _rank(self, queries: list[str], hits: list[list[Hit]]) -> list[list[RerankedHit]]:
-        return self.pipe.rerank(queries, hits, top_k=max([len(h) for h in hits] + [1]))
+    def _rank(self, queries: list[str], hits: list[list[Candidate]]) -> list[list[Candidate]]:
+        return self.stage.rerank(queries, hits, top_k=max([len(h) for h in hits] + [1]))
 
-    async def rerank(self, query: str, hits: list[Hit], top_k: int | None = None) -> list[RerankedHit]:
+    async def rerank(self, query: str, hits: list[Candidate], top_k: int | None = None) -> list[Candidate]:
         """``hits`` sorted by the cross-encoder's score, best first, the first ``top_k`` (None: all)."""
         ranked = await self._rerank_batch(query, list(hits))
         return ranked if top_k is None else ranked[:top_k]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _rerank_batch(self, queries: list[str], hits: list[list[Hit]]) -> list[list[RerankedHit]]:
+    async def _rerank_batch(self, queries: list[str], hits: list[list[Candidate]]) -> list[list[Candidate]]:
         return await self._compute(len(queries), self._rank, queries, hits)
 
-    async def rerank_many(self, queries: list[str], hits: list[list[Hit]],
-                          top_k: int | None = None) -> list[list[RerankedHit]]:
+    async def rerank_many(self, queries: list[str], hits: list[list[Candidate]],
+                          top_k: int | None = None) -> list[list[Candidate]]:
         """:meth:`rerank` for a list of queries, computed as one batch."""
         ranked = await self._compute(len(queries), self._rank, list(queries), [list(h) for h in hits])
         return ranked if top_k is None else [r[:top_k] for r in ranked]
@@ -276,43 +275,43 @@ class Reranker(_Stage):
         import torch
 
         with torch.inference_mode():
-            z = self.pipe.reranker.score_pairs(["health check"], ["re2g"], ["a passage to score"], batch_size=1)
+            z = self.stage.model.score_pairs(["health check"], ["re2g"], ["a passage to score"], batch_size=1)
         if not _finite(z.float().cpu().tolist()):
             raise RuntimeError("the reranker returned a non-finite score")
 
 
 @serve.deployment(name="Generator")
 class Generator(_Stage):
-    """BART with RAG-Sequence or RAG-Token decoding (``cfg.generation``). ``generate`` is dynamically
-    batched: beam search runs on the sources of every request in a batch together."""
+    """The :class:`re2g.stages.Generator` of the run (BART with RAG-Sequence or RAG-Token decoding,
+    ``cfg.generation``). ``generate`` is dynamically batched: beam search runs on the sources of every
+    request in a batch together."""
 
-    stage = "generate"
+    kind = "generate"
 
     def __init__(self, run_dir: str, cfg: dict):
         pieces = self._init_stage(run_dir, cfg, "generator")
-        model = load_generator(pieces, self.cfg, self.device)
-        self.pipe = Re2GPipeline(None, None, model, self.cfg)
+        self.stage = load_generator(pieces, self.cfg, self.device)
         self._probe()
 
     def _batcher(self):
         return self._generate_batch
 
-    async def generate(self, query: str, reranked: list[RerankedHit]):
+    async def generate(self, query: str, reranked: list[Candidate]) -> Answer:
         """The :class:`re2g.models.decoding.Answer` for one query and its reranked passages."""
         return await self._generate_batch(query, list(reranked))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, queries: list[str], reranked: list[list[RerankedHit]]) -> list:
-        return await self._compute(len(queries), self.pipe.generate, queries, reranked)
+    async def _generate_batch(self, queries: list[str], reranked: list[list[Candidate]]) -> list[Answer]:
+        return await self._compute(len(queries), self.stage.generate, queries, reranked)
 
-    async def generate_many(self, queries: list[str], reranked: list[list[RerankedHit]]) -> list:
+    async def generate_many(self, queries: list[str], reranked: list[list[Candidate]]) -> list[Answer]:
         """Answers for a list of queries, computed as one batch."""
-        return await self._compute(len(queries), self.pipe.generate, list(queries), [list(r) for r in reranked])
+        return await self._compute(len(queries), self.stage.generate, list(queries), [list(r) for r in reranked])
 
     def _probe(self) -> None:
         import torch
 
-        g = self.pipe.generator
+        g = self.stage.model
         enc = g.tokenize_sources(["re2g / a passage // health check"])
         with torch.inference_mode():
             out = g.model.get_encoder()(input_ids=enc["input_ids"].to(g.device),
@@ -324,176 +323,6 @@ class Generator(_Stage):
 # --------------------------------------------------------------------------- ingress
 
 
-def _replica_lost_errors() -> tuple[type, ...]:
-    """What a DeploymentHandle raises when the replica serving a call died or cannot be reached."""
-    from ray.exceptions import RayActorError          # ActorDiedError, ActorUnavailableError
-    from ray.serve.exceptions import ReplicaUnavailableError
-
-    return RayActorError, ReplicaUnavailableError
-
-
-def replica_lost(e: BaseException) -> bool:
-    """True when ``e`` says a replica died or was unreachable (the call can go to another replica): a
-    :class:`ray.exceptions.RayActorError` (``ActorDiedError``, ``ActorUnavailableError``), Serve's
-    ``ReplicaUnavailableError``, or an error caused by one (Serve's "upstream actor died" error, a
-    ``RayTaskError`` wrapping an actor's death). Overload (``BackPressureError``) and a deployment that
-    failed to deploy (``DeploymentUnavailableError``) are not: they are answered with 503 at once."""
-    lost = _replica_lost_errors()
-    seen = 0
-    while e is not None and seen < 4:
-        if isinstance(e, lost):
-            return True
-        e = getattr(e, "cause", None) or e.__cause__
-        seen += 1
-    return False
-
-
-class Coalescer:
-    """One stage's calls from this ingress gathered into batches, without a timer.
-
-    A call goes at once when fewer than ``max_in_flight`` batches of this stage are out; otherwise it
-    waits, and when a batch comes back everything that waited (up to ``max_batch_size``) goes as one
-    call ``send(items) -> results`` (same order). At light load a request never waits; under load the
-    batches grow with it. A caller that gave up (the API's deadline cancelled it) is left out of the
-    batch it waited for; a batch that fails fails each of its callers with the same error.
-
-    Why in the ingress: a DeploymentHandle call costs CPU on both sides (routing, (de)serialization,
-    Serve's per-request bookkeeping in the replica) -- on 2 cores about as much as the tiny models'
-    compute per request (docs/benchmarks.md). Batching in the model replicas (``@serve.batch``) shares
-    the compute but not that cost; one ``*_many`` call per batch shares both."""
-
-    def __init__(self, send, max_batch_size: int, max_in_flight: int = 1):
-        self.send = send
-        self.max_batch_size = max(1, int(max_batch_size))
-        self.max_in_flight = max(1, int(max_in_flight))
-        self._waiting: list[tuple[Any, asyncio.Future]] = []
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task] = set()
-
-    async def __call__(self, item: Any) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, fut))
-        self._dispatch()
-        return await fut
-
-    def _dispatch(self) -> None:
-        while self._waiting and self._in_flight < self.max_in_flight:
-            batch = [(i, f) for i, f in self._waiting[:self.max_batch_size] if not f.done()]
-            del self._waiting[:self.max_batch_size]
-            if not batch:
-                continue
-            self._in_flight += 1
-            task = asyncio.ensure_future(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
-        try:
-            results = await self.send([i for i, _ in batch])
-        except asyncio.CancelledError:
-            for _, f in batch:
-                f.cancel()
-            raise
-        except Exception as e:
-            for _, f in batch:
-                if not f.done():
-                    f.set_exception(e)
-        else:
-            for (_, f), r in zip(batch, results):
-                if not f.done():
-                    f.set_result(r)
-        finally:
-            self._in_flight -= 1
-            self._dispatch()
-
-
-class HandleBackend:
-    """The API's backend in Serve: the three deployments' handles, and the query tokenizer.
-
-    Stage calls are idempotent (a stage computes from its arguments alone), so a call whose replica
-    died or was unreachable is sent again (:func:`replica_lost`), after ``retry_backoff_s`` doubling up
-    to 1 s, until it succeeds: the API's deadline (``asyncio.wait_for`` around the whole request)
-    bounds the retries, and cancels the call in flight when it passes. The handle's router routes the
-    retry to a live replica, or holds it until the controller has started a replacement.
-
-    ``coalesce`` (stage -> (max_batch_size, max_in_flight); None or a size of 1: that stage's calls go
-    one by one): the single-query calls ``retrieve``/``rerank``/``generate`` of concurrent requests go to
-    the deployments as one ``*_many`` call per batch (:class:`Coalescer`)."""
-
-    def __init__(self, retriever, reranker, generator, tokenizer, *, retry_backoff_s: float = 0.05,
-                 coalesce: dict[str, tuple[int, int]] | None = None):
-        self.retriever = retriever
-        self.reranker = reranker
-        self.generator = generator
-        self.tokenizer = tokenizer
-        self.retry_backoff_s = retry_backoff_s
-        self.retries = 0          # calls sent again (this ingress replica)
-        senders = {"retrieve": self._retrieve_batch, "rerank": self._rerank_batch, "generate": self._generate_batch}
-        self.coalescers: dict[str, Coalescer] = {
-            stage: Coalescer(senders[stage], size, in_flight)
-            for stage, (size, in_flight) in (coalesce or {}).items() if size > 1}
-
-    async def _call(self, stage: str, method, *args):
-        delay = self.retry_backoff_s
-        while True:
-            try:
-                return await method.remote(*args)
-            except Exception as e:
-                if not replica_lost(e):
-                    raise
-                self.retries += 1
-                log.warning("%s: a replica was lost (%s); sending the call again in %.2f s",
-                            stage, type(e).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(1.0, 2 * delay)
-
-    async def retrieve(self, query: str) -> list[Hit]:
-        if "retrieve" in self.coalescers:
-            return await self.coalescers["retrieve"](query)
-        return await self._call("retrieve", self.retriever.retrieve, query)
-
-    async def retrieve_many(self, queries: list[str]) -> list[list[Hit]]:
-        return await self._call("retrieve", self.retriever.retrieve_many, queries)
-
-    async def _retrieve_batch(self, queries: list[str]) -> list[list[Hit]]:
-        return await self.retrieve_many(queries)
-
-    async def rerank(self, query: str, hits: list[Hit], top_k: int | None) -> list[RerankedHit]:
-        if "rerank" in self.coalescers:
-            return await self.coalescers["rerank"]((query, hits, top_k))
-        return await self._call("rerank", self.reranker.rerank, query, hits, top_k)
-
-    async def rerank_many(self, queries, hits, top_k):
-        return await self._call("rerank", self.reranker.rerank_many, queries, hits, top_k)
-
-    async def _rerank_batch(self, items: list[tuple[str, list[Hit], int | None]]) -> list[list[RerankedHit]]:
-        ks = [k for _, _, k in items]
-        top = None if None in ks else max(ks)            # one call; each request's own top_k cut here
-        ranked = await self.rerank_many([q for q, _, _ in items], [h for _, h, _ in items], top)
-        return [r if k is None else r[:k] for r, k in zip(ranked, ks)]
-
-    async def generate(self, query: str, reranked: list[RerankedHit]):
-        if "generate" in self.coalescers:
-            return await self.coalescers["generate"]((query, reranked))
-        return await self._call("generate", self.generator.generate, query, reranked)
-
-    async def generate_many(self, queries, reranked):
-        return await self._call("generate", self.generator.generate_many, queries, reranked)
-
-    async def _generate_batch(self, items: list[tuple[str, list[RerankedHit]]]) -> list:
-        return await self.generate_many([q for q, _ in items], [r for _, r in items])
-
-    async def health(self) -> dict[str, dict]:
-        names = ("retriever", "reranker", "generator")
-        handles = (self.retriever, self.reranker, self.generator)
-        results = await asyncio.gather(*(h.health.remote() for h in handles), return_exceptions=True)
-        return {n: (r if isinstance(r, dict) else {"ok": False, "detail": f"{type(r).__name__}: {r}"})
-                for n, r in zip(names, results)}
-
-    def count_tokens(self, query: str) -> int:
-        return len(self.tokenizer(query)["input_ids"])
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -503,7 +332,7 @@ class Ingress:
 
     def __init__(self, retriever, reranker, generator, run_dir: str, cfg: dict, api_key: str | None = None):
         self.cfg = Re2GConfig.model_validate(cfg)
-        pieces = preflight(run_dir, self.cfg)
+        pieces = resolve_run(run_dir, self.cfg)
         self.backend = HandleBackend(retriever, reranker, generator, load_query_tokenizer(pieces),
                                      coalesce=coalesce_settings(self.cfg.serve))
         self.settings = api_settings(self.cfg, pieces, api_key)
@@ -518,16 +347,6 @@ class Ingress:
         return create_api(self.backend, self.settings)
 
 
-def coalesce_settings(s: ServeConfig) -> dict[str, tuple[int, int]]:
-    """What the ingress coalesces (:class:`HandleBackend`): with ``serve.batching``, each stage's calls
-    in batches of up to its deployment's ``max_batch_size``, as many batches out at once as the stage
-    has replicas at most; without it, nothing (every request's calls go alone)."""
-    if not s.batching:
-        return {}
-    return {stage: (d.max_batch_size, d.max_replicas)
-            for stage, d in (("retrieve", s.retriever), ("rerank", s.reranker), ("generate", s.generator))}
-
-
 def api_settings(cfg: Re2GConfig, pieces: RunPieces, api_key: str | None = None):
     """The :class:`serve.api.ApiSettings` of the ingress for a run (what :func:`build_app` checks and
     every ingress replica enforces). Raises :class:`re2g.errors.ConfigError` when ``serve.max_body_bytes``
@@ -537,13 +356,13 @@ def api_settings(cfg: Re2GConfig, pieces: RunPieces, api_key: str | None = None)
     from serve.schemas import MAX_N_DOCS, RequestLimits
 
     s, r = cfg.serve, cfg.retrieval
-    retrieve_k = (r.dpr_top_k if pieces.dense_dir else 0) + (r.bm25_top_k if pieces.bm25_dir else 0)
+    k = retrieve_k(r, dense=pieces.dense_dir is not None, bm25=pieces.bm25_dir is not None)
     settings = ApiSettings(
         app_name=s.app_name, api_key=api_key or None, api_key_header=s.api_key_header,
         cors_origins=tuple(s.cors_origins), max_body_bytes=s.max_body_bytes,
         max_query_tokens=s.max_query_tokens or cfg.models.query_max_length,
         request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
-        max_batch_queries=s.max_batch_queries, retrieve_k=max(1, retrieve_k),
+        max_batch_queries=s.max_batch_queries, retrieve_k=max(1, k),
         default_n_docs=r.rerank_top_k, max_n_docs=MAX_N_DOCS, batching=s.batching)
     try:
         RequestLimits.fit(retrieve_k=settings.retrieve_k, max_n_docs=settings.max_n_docs,
@@ -623,8 +442,8 @@ def build_app(args: dict | None = None):
         raw["overrides"] = [raw["overrides"]]
     a = AppArgs.model_validate(raw)
     run_dir = str(Path(a.run_dir).expanduser().resolve())
-    cfg = resolve_config(run_dir, a.config, a.overrides)
-    api_settings(cfg, preflight(run_dir, cfg))
+    cfg = run_config(run_dir, a.config, a.overrides)
+    api_settings(cfg, resolve_run(run_dir, cfg))
     return bind_app(run_dir, cfg, api_key=resolve_api_key(cfg.serve))
 
 

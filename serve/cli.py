@@ -114,11 +114,12 @@ def serve_command(
         overrides.append(f"serve.batching={str(batching).lower()}")
     try:
         from serve.app import bind_app, resolve_api_key
-        from serve.components import preflight, resolve_config, stop_shard_actors
+        from re2g.run import resolve_run, run_config
+        from serve.components import stop_shard_actors
 
         run = str(Path(run_dir).expanduser().resolve())
-        cfg = resolve_config(run, config, overrides)
-        pieces = preflight(run, cfg)
+        cfg = run_config(run, config, overrides)
+        pieces = resolve_run(run, cfg)
     except Re2GError as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(code=2)

@@ -21,12 +21,15 @@ stage fails after the stream started) and ``done`` (:class:`StreamDone`), each w
 line; :func:`answer_stream_openapi` documents them in ``/openapi.json`` (OpenAPI 3.2's ``itemSchema``, as
 FastAPI writes it for its own event streams).
 
-Scores: ``score`` / ``retrieval_score`` is the retriever's (DPR inner product or BM25), ``rerank_score``
-the cross-encoder's logit z_r, ``weight`` the passage's p(z|x) = softmax(z_r) in the generator's
-marginalization, ``logprob`` a candidate answer's log p(y|x). Timings are seconds.
+The passage shapes (:class:`HitOut`, :class:`RerankedOut`, :class:`ProvenanceOut`) are views of the one
+candidate record :class:`re2g.types.Candidate` (``from_candidate``). Scores: ``score`` /
+``retrieval_score`` is the retriever's (DPR inner product or BM25), ``rerank_score`` the cross-encoder's
+logit z_r, ``weight`` the passage's p(z|x) = softmax(z_r) in the generator's marginalization,
+``logprob`` a candidate answer's log p(y|x). Timings are seconds.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -34,6 +37,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat,
                       StrictStr)
+
+from re2g.types import Candidate
 
 MAX_QUERY_CHARS = 1000      # a hard cap before any tokenization (queries are cut to the configured token limit)
 MAX_TOP_K = 100             # retrieval candidates / reranked passages one request may ask for
@@ -262,7 +267,38 @@ class Timings(BaseModel):
     total: float
 
 
-class HitOut(BaseModel):
+def json_number(x: Any) -> float | None:
+    """A JSON-safe float: None for None, NaN and infinities."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class _PassageOut(BaseModel):
+    """The API's shapes of a passage, each derived from :class:`re2g.types.Candidate` by
+    :meth:`from_candidate`: its fields of the same names, the retriever's ``score`` also as
+    ``retrieval_score``."""
+
+    @classmethod
+    def from_candidate(cls, c: Candidate, with_text: bool = True):
+        """This shape of ``c``: ``text`` None unless ``with_text``; scores JSON-safe (a non-finite one is
+        None, or 0.0 where the shape requires a number); a passage the client sent to /v1/rerank
+        (source ``rerank``) has no source and no retrieval score."""
+        values = dict(c.to_dict(), text=c.text if with_text else None, retrieval_score=c.score)
+        if c.source == "rerank":
+            values.update(source=None, score=None, retrieval_score=None)
+        out = {}
+        for name, f in cls.model_fields.items():
+            v = json_number(values[name]) if name in _SCORES else values[name]
+            out[name] = 0.0 if v is None and f.annotation is float else v
+        return cls(**out)
+
+
+_SCORES = frozenset({"score", "retrieval_score", "rerank_score", "weight"})
+
+
+class HitOut(_PassageOut):
     """A retrieved passage."""
 
     pid: str
@@ -274,7 +310,7 @@ class HitOut(BaseModel):
     rank: int = Field(description="0-based position in the fused list")
 
 
-class RerankedOut(BaseModel):
+class RerankedOut(_PassageOut):
     """A passage after reranking, best first."""
 
     pid: str
@@ -288,7 +324,7 @@ class RerankedOut(BaseModel):
     rerank_rank: int = Field(description="0-based position by rerank_score")
 
 
-class ProvenanceOut(BaseModel):
+class ProvenanceOut(_PassageOut):
     """A passage the answer was generated from."""
 
     pid: str

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from re2g.config import GenerationConfig
-from re2g.models.decoding import (Answer, Candidate, ProvenancePassage, decode, pool_candidates,
-                                  rag_sequence_decode, rag_token_decode, rag_token_generate)
+from re2g.models.decoding import (Answer, AnswerCandidate, decode, pool_candidates, rag_sequence_decode,
+                                  rag_token_decode, rag_token_generate)
+from re2g.types import Candidate
 
 QUERIES = ["Where was Palgo Drainne born?", "Who employed the banker?"]
 MAX_NEW = 6
@@ -67,13 +68,14 @@ def test_answer_is_well_formed_with_the_rerankers_top5_in_order(generator, reran
     scores = [p["rerank_score"] for p in top]
     (ans,) = rag_sequence_decode(generator, [q], [top], [scores], num_beams=2, max_new_tokens=MAX_NEW)
     assert isinstance(ans, Answer) and ans.query == q
-    assert ans.candidates and all(isinstance(c, Candidate) for c in ans.candidates)
+    assert ans.candidates and all(isinstance(c, AnswerCandidate) for c in ans.candidates)
     assert ans.answer == ans.candidates[0].text
     lps = [c.logprob for c in ans.candidates]
     assert lps == sorted(lps, reverse=True) and all(math.isfinite(x) and x <= 0 for x in lps)
     assert len({c.text for c in ans.candidates}) == len(ans.candidates) <= 5 * 2
-    # provenance: the reranker's top 5, in its order, weights softmax(rerank scores)
-    assert all(isinstance(p, ProvenancePassage) for p in ans.provenance)
+    # provenance: the reranker's top 5 as candidate records, in its order, weights softmax(rerank scores)
+    assert all(isinstance(p, Candidate) for p in ans.provenance)
+    assert [p.rank for p in ans.provenance] == list(range(5))
     assert [p.pid for p in ans.provenance] == [passages[i]["pid"] for i in order]
     rs = [p.rerank_score for p in ans.provenance]
     assert rs == sorted(rs, reverse=True)
@@ -82,7 +84,7 @@ def test_answer_is_well_formed_with_the_rerankers_top5_in_order(generator, reran
     for p, i in zip(ans.provenance, order):
         assert (p.title, p.text, p.wikipedia_id) == (passages[i]["title"], passages[i]["text"],
                                                      passages[i]["wikipedia_id"])
-        assert p.source == passages[i]["source"] and p.retrieval_score == passages[i]["score"]
+        assert p.source == passages[i]["source"] and p.score == passages[i]["score"]
     assert ans.to_dict()["provenance"][0]["pid"] == ans.provenance[0].pid
 
 

@@ -48,12 +48,14 @@ def queries(tiny_sample):
 
 
 def test_from_run_dir_loads_the_hybrid_and_the_models(pipe, run_dir):
-    from re2g.index.fusion import HybridRetriever
+    from re2g import stages
 
-    assert isinstance(pipe.retriever, HybridRetriever)
-    assert pipe.retrieve_k == 24 and pipe.rerank_top_k == 5
-    assert pipe.cfg.generation.num_beams == 2  # the run's config.yaml was read
-    assert not pipe.reranker.training and not pipe.generator.training
+    assert isinstance(pipe.retriever, stages.Retriever) and isinstance(pipe.reranker, stages.Reranker)
+    assert isinstance(pipe.generator, stages.Generator)
+    assert pipe.retriever.dense is not None and pipe.retriever.bm25 is not None      # the hybrid
+    assert pipe.retriever.k == 24 and pipe.reranker.top_k == 5
+    assert pipe.cfg.generation.num_beams == 2 and pipe.generator.cfg.num_beams == 2  # the run's config.yaml
+    assert not pipe.reranker.model.training and not pipe.generator.model.training
 
 
 def test_answer_end_to_end_with_timings_and_provenance(pipe, queries):
@@ -70,11 +72,12 @@ def test_answer_end_to_end_with_timings_and_provenance(pipe, queries):
     hits = pipe.retrieve([q])[0]
     assert len({h.pid for h in hits}) == len(hits) <= 24 and {h.source for h in hits} == {"dpr", "bm25"}
     with torch.inference_mode():
-        z = pipe.reranker.score(q, hits, batch_size=32)
+        z = pipe.reranker.model.score(q, hits, batch_size=32)
     order = sorted(range(len(hits)), key=lambda i: -float(z[i]))[:5]
     assert [p.pid for p in ans.provenance] == [hits[i].pid for i in order]
     assert [p.rerank_score for p in ans.provenance] == pytest.approx([float(z[i]) for i in order], abs=1e-5)
-    assert [p.retrieval_score for p in ans.provenance] == pytest.approx([hits[i].score for i in order], abs=1e-6)
+    assert [p.score for p in ans.provenance] == pytest.approx([hits[i].score for i in order], abs=1e-6)
+    assert [(p.rank, p.rerank_rank) for p in ans.provenance] == [(hits[i].rank, r) for r, i in enumerate(order)]
     assert [p.source for p in ans.provenance] == [hits[i].source for i in order]
     w = [p.weight for p in ans.provenance]
     assert sum(w) == pytest.approx(1.0, abs=1e-5) and w == sorted(w, reverse=True)
@@ -82,13 +85,14 @@ def test_answer_end_to_end_with_timings_and_provenance(pipe, queries):
 
 
 def test_rerank_sorts_keeps_top_k_and_answer_batch_matches(pipe, queries):
-    from re2g.pipeline import RerankedHit
+    from re2g.types import Candidate
 
     qs = [q for _, q in queries]
     hits = pipe.retrieve(qs)
+    assert all(h.rerank_score is None for hs in hits for h in hs)
     reranked = pipe.rerank(qs, hits, top_k=3)
     for hs, rr in zip(hits, reranked):
-        assert len(rr) == 3 and all(isinstance(h, RerankedHit) for h in rr)
+        assert len(rr) == 3 and all(isinstance(h, Candidate) and h.rerank_score is not None for h in rr)
         assert [h.rerank_rank for h in rr] == [0, 1, 2]
         assert [h.rerank_score for h in rr] == sorted((h.rerank_score for h in rr), reverse=True)
         assert {h.pid for h in rr} <= {h.pid for h in hs}
@@ -122,7 +126,8 @@ def test_kilt_prediction_records(pipe, queries):
 def test_run_dir_picks_the_indexed_encoder_and_explains_what_is_missing(run_dir, tiny_sample, tmp_path):
     from re2g.layout import RunLayout
     from re2g.models.factory import build_tiny_biencoder
-    from re2g.pipeline import Re2GPipeline, pick_biencoder_dir
+    from re2g.pipeline import Re2GPipeline
+    from re2g.run import pick_biencoder_dir
 
     decoy = run_dir / "models" / "dpr"      # tried first, but the index was built with models/biencoder
     torch.manual_seed(99)

@@ -1,4 +1,4 @@
-"""Combining DPR and BM25 results: pure functions over ``list[Hit]`` plus a hybrid retriever.
+"""Combining DPR and BM25 results: pure functions over ``list[Candidate]`` plus a hybrid retriever.
 
 * :func:`concat_dedup` -- Re2G's hybrid: DPR top-n, then BM25 top-n without the passages DPR
   already returned (same pid, or same normalized text); order kept, ranks renumbered.
@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Protocol, Sequence
 
 from re2g.config import RetrievalConfig
-from re2g.types import Hit
+from re2g.types import Candidate
 
 _WS = re.compile(r"\s+")
 
@@ -29,15 +29,15 @@ def normalize_text(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def _renumber(hits: list[Hit]) -> list[Hit]:
+def _renumber(hits: list[Candidate]) -> list[Candidate]:
     return [h if h.rank == r else replace(h, rank=r) for r, h in enumerate(hits)]
 
 
-def concat_dedup(dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit], n_dpr: int, n_bm25: int) -> list[Hit]:
+def concat_dedup(dpr_hits: Sequence[Candidate], bm25_hits: Sequence[Candidate], n_dpr: int, n_bm25: int) -> list[Candidate]:
     """DPR's top ``n_dpr`` then BM25's top ``n_bm25``, dropping any hit whose pid or normalized
     (non-empty) text came earlier. At most ``n_dpr + n_bm25`` hits; ranks 0.. in the new order;
     scores and sources unchanged."""
-    out: list[Hit] = []
+    out: list[Candidate] = []
     seen_pids: set[str] = set()
     seen_texts: set[str] = set()
     for h in list(dpr_hits[:max(n_dpr, 0)]) + list(bm25_hits[:max(n_bm25, 0)]):
@@ -51,12 +51,12 @@ def concat_dedup(dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit], n_dpr: int, 
     return _renumber(out)
 
 
-def rrf(lists: Sequence[Sequence[Hit]], k: int = 60, top_k: int | None = None) -> list[Hit]:
+def rrf(lists: Sequence[Sequence[Candidate]], k: int = 60, top_k: int | None = None) -> list[Candidate]:
     """Reciprocal rank fusion by pid: ``score(p) = sum_lists 1 / (k + rank + 1)`` with ``rank`` the
     0-based position in each list. Best first (ties: first appearance); ``top_k`` (None: all).
     Each hit is the first occurrence (earliest list), with the fused score and a new rank."""
     scores: dict[str, float] = {}
-    first: dict[str, Hit] = {}
+    first: dict[str, Candidate] = {}
     for hits in lists:
         seen_here: set[str] = set()
         for pos, h in enumerate(hits):
@@ -81,14 +81,14 @@ def minmax(scores: Sequence[float]) -> list[float]:
     return [(s - lo) / (hi - lo) for s in scores]
 
 
-def linear(dpr: Sequence[Hit], bm25: Sequence[Hit], w: float = 0.5, top_k: int | None = None) -> list[Hit]:
+def linear(dpr: Sequence[Candidate], bm25: Sequence[Candidate], w: float = 0.5, top_k: int | None = None) -> list[Candidate]:
     """``w * minmax(dpr score) + (1 - w) * minmax(bm25 score)`` per pid, a missing score counting 0.
     Best first (ties: DPR order, then BM25 order); ``top_k`` (None: all). Each hit is the DPR one
     when DPR found it, else the BM25 one, with the fused score and a new rank."""
     fused: dict[str, float] = {}
-    first: dict[str, Hit] = {}
+    first: dict[str, Candidate] = {}
     for hits, weight in ((dpr, w), (bm25, 1.0 - w)):
-        uniq: dict[str, Hit] = {}
+        uniq: dict[str, Candidate] = {}
         for h in hits:
             uniq.setdefault(h.pid, h)
         norm = minmax([h.score for h in uniq.values()])
@@ -107,12 +107,17 @@ def retrieve_k(cfg: RetrievalConfig, *, dense: bool, bm25: bool) -> int:
     return (cfg.dpr_top_k if dense else 0) + (cfg.bm25_top_k if bm25 else 0)
 
 
-def fuse(cfg: RetrievalConfig, dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
+def fuse(cfg: RetrievalConfig, dpr_hits: Sequence[Candidate] | None, bm25_hits: Sequence[Candidate] | None,
+         k: int | None = None) -> list[Candidate]:
     """One query's DPR and BM25 lists fused as ``cfg.fusion`` says (``concat``: :func:`concat_dedup`,
     ``rrf``, ``linear``), each part cut to its own ``dpr_top_k`` / ``bm25_top_k``, the result to ``k``
-    (default ``dpr_top_k + bm25_top_k``). Training (stages 2-4), the pipeline and Serve all call this."""
+    (default: :func:`retrieve_k` of the parts given). A retriever the run lacks is None: the other's
+    list is only deduplicated (pid, normalized text) and cut, its scores kept. Training (stages 2-4),
+    the pipeline and Serve all call this."""
     if k is None:
-        k = cfg.dpr_top_k + cfg.bm25_top_k
+        k = retrieve_k(cfg, dense=dpr_hits is not None, bm25=bm25_hits is not None)
+    if dpr_hits is None or bm25_hits is None:
+        return concat_dedup(dpr_hits or [], bm25_hits or [], cfg.dpr_top_k, cfg.bm25_top_k)[:k]
     if cfg.fusion == "concat":
         return concat_dedup(dpr_hits, bm25_hits, cfg.dpr_top_k, cfg.bm25_top_k)[:k]
     if cfg.fusion == "rrf":
@@ -121,16 +126,17 @@ def fuse(cfg: RetrievalConfig, dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit]
 
 
 class Retriever(Protocol):
-    def search(self, query: str, k: int) -> list[Hit]: ...
+    def search(self, query: str, k: int) -> list[Candidate]: ...
 
-    def batch_search(self, queries: Sequence[str], k: int) -> list[list[Hit]]: ...
+    def batch_search(self, queries: Sequence[str], k: int) -> list[list[Candidate]]: ...
 
 
 class HybridRetriever:
-    """DPR + BM25 fused as ``cfg.fusion`` says; same ``search``/``batch_search`` as its parts.
+    """DPR + BM25 fused as ``cfg.fusion`` says (:func:`fuse`); same ``search``/``batch_search`` as its
+    parts. A part may be None (a run with one retriever): the other's hits, deduplicated.
 
-    ``k`` (default ``dpr_top_k + bm25_top_k``) caps the fused list; each part retrieves its own
-    ``dpr_top_k`` / ``bm25_top_k`` (0 skips that retriever).
+    ``k`` (default :func:`retrieve_k` of the parts present) caps the fused list; each part retrieves
+    its own ``dpr_top_k`` / ``bm25_top_k`` (0 skips that retriever).
     """
 
     def __init__(self, dense: Retriever | None, bm25: Retriever | None, cfg: RetrievalConfig | None = None):
@@ -138,21 +144,31 @@ class HybridRetriever:
         self.bm25 = bm25
         self.cfg = cfg or RetrievalConfig()
 
-    def fuse(self, dpr_hits: Sequence[Hit], bm25_hits: Sequence[Hit], k: int | None = None) -> list[Hit]:
+    @property
+    def k(self) -> int:
+        """Candidates per query by default (:func:`retrieve_k` of the parts present)."""
+        return retrieve_k(self.cfg, dense=self.dense is not None, bm25=self.bm25 is not None)
+
+    def fuse(self, dpr_hits: Sequence[Candidate] | None, bm25_hits: Sequence[Candidate] | None,
+             k: int | None = None) -> list[Candidate]:
         """Fuse one query's two lists per the config (:func:`fuse`)."""
         return fuse(self.cfg, dpr_hits, bm25_hits, k)
 
-    def search(self, query: str, k: int | None = None) -> list[Hit]:
+    def search(self, query: str, k: int | None = None) -> list[Candidate]:
         """Fused hits for one query."""
         return self.batch_search([query], k)[0]
 
-    def batch_search(self, queries: Sequence[str], k: int | None = None) -> list[list[Hit]]:
+    def batch_search(self, queries: Sequence[str], k: int | None = None) -> list[list[Candidate]]:
         """Fused hits for each query (each part searched once for the whole batch)."""
         queries = list(queries)
         if not queries:
             return []
         c = self.cfg
-        empty: list[list[Hit]] = [[] for _ in queries]
-        dpr = self.dense.batch_search(queries, c.dpr_top_k) if self.dense is not None and c.dpr_top_k else empty
-        bm = self.bm25.batch_search(queries, c.bm25_top_k) if self.bm25 is not None and c.bm25_top_k else empty
-        return [self.fuse(d, b, k) for d, b in zip(dpr, bm)]
+
+        def part(retriever, n: int) -> list | list[list[Candidate]]:
+            if retriever is None:
+                return [None] * len(queries)
+            return retriever.batch_search(queries, n) if n else [[] for _ in queries]
+
+        dpr, bm = part(self.dense, c.dpr_top_k), part(self.bm25, c.bm25_top_k)
+        return [self.fuse(d, b, self.k if k is None else k) for d, b in zip(dpr, bm)]

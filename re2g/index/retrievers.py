@@ -74,10 +74,12 @@ def build_indexes(cfg: Re2GConfig, *, passages: str, embeddings: str | None, den
 
 
 def open_retrievers(cfg: Re2GConfig, *, passages: str, dense_dir: str | None, bm25_dir: str | None,
-                    query_encoder=None, verify: bool = True) -> dict:
+                    query_encoder=None, verify: bool = True, dense_index=None) -> dict:
     """Open the retrievers that exist: ``bm25`` (needs ``bm25_dir``), ``dpr`` (needs ``dense_dir``
     and a ``query_encoder`` with ``embed_queries``; the index refuses an encoder whose fingerprint
-    differs from the one it was built with) and ``hybrid`` (when both exist)."""
+    differs from the one it was built with) and ``hybrid`` (when both exist). ``dense_index``: an
+    index opened already (e.g. ``re2g.index.shards.ActorShardedIndex``) to search instead of loading
+    ``dense_dir`` here."""
     from re2g.index.fusion import HybridRetriever
 
     out: dict = {}
@@ -87,12 +89,14 @@ def open_retrievers(cfg: Re2GConfig, *, passages: str, dense_dir: str | None, bm
 
         bm25 = BM25Retriever.from_dir(bm25_dir, threads=cfg.bm25.threads)
         out["bm25"] = bm25
-    if dense_dir is not None and query_encoder is not None:
+    if (dense_dir is not None or dense_index is not None) and query_encoder is not None:
         from re2g.index.dense import DenseIndex, DenseRetriever
 
-        fp = query_encoder.fingerprint() if hasattr(query_encoder, "fingerprint") else None
-        index = DenseIndex.load(dense_dir, expected_fingerprint=fp, verify=verify, ef_search=cfg.index.ef_search,
-                                expected_settings=getattr(query_encoder, "settings", None))
+        index = dense_index
+        if index is None:
+            fp = query_encoder.fingerprint() if hasattr(query_encoder, "fingerprint") else None
+            index = DenseIndex.load(dense_dir, expected_fingerprint=fp, verify=verify, ef_search=cfg.index.ef_search,
+                                    expected_settings=getattr(query_encoder, "settings", None))
         dense = DenseRetriever(index, query_encoder, passages=passages)
         out["dpr"] = dense
     if bm25 is not None and dense is not None:

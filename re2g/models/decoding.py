@@ -20,83 +20,48 @@ the passage weights are p(z_j | x) = softmax(scores) (:func:`re2g.models.margina
   cache: answers are short).
 
 The answer is the candidate with the highest p(y|x) under those weights (:class:`Answer`), with
-every candidate and its log-probability, and the passages as :class:`ProvenancePassage`.
+every candidate and its log-probability, and the passages as :class:`re2g.types.Candidate` records
+with their weights. Passages may be given as candidates, ``Passage`` objects, mappings with the same
+field names, or ``(title, text)`` pairs.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from re2g.models.encoders import eval_mode, title_text
+from re2g.models.encoders import eval_mode
 from re2g.models.generator import decode_text, decode_texts
 from re2g.models.marginalize import doc_log_weights, marginalize_sequences, marginalize_tokens, sequence_logprobs
+from re2g.types import Candidate
 
 # --------------------------------------------------------------------------- results
 
 
-class Candidate(NamedTuple):
+class AnswerCandidate(NamedTuple):
     """One generated answer and its log p(y | x) under the passage-weighted model."""
 
     text: str
     logprob: float
 
 
-@dataclass(frozen=True)
-class ProvenancePassage:
-    """A passage the answer was generated from: where it came from and how much it counted.
-
-    ``source`` is the retriever that found it (``dpr``/``bm25``), ``retrieval_score`` that retriever's
-    score, ``rerank_score`` the reranker's z_r (None when not reranked), ``weight`` p(z_j | x).
-    """
-
-    pid: str
-    title: str
-    text: str
-    wikipedia_id: str | None
-    source: str | None
-    retrieval_score: float | None
-    rerank_score: float | None
-    weight: float
-
-    @classmethod
-    def from_passage(cls, passage: Any, weight: float) -> "ProvenancePassage":
-        """From a ``Hit`` / ``RerankedHit`` / ``Passage``, a mapping with the same keys, or (title, text)."""
-        title, text = title_text(passage)
-
-        def get(name: str) -> Any:
-            if isinstance(passage, Mapping):
-                return passage.get(name)
-            return getattr(passage, name, None)
-
-        def num(v: Any) -> float | None:
-            return None if v is None else float(v)
-
-        return cls(pid=str(get("pid") or ""), title=title, text=text, wikipedia_id=get("wikipedia_id"),
-                   source=get("source"), retrieval_score=num(get("score") if get("retrieval_score") is None
-                                                             else get("retrieval_score")),
-                   rerank_score=num(get("rerank_score")), weight=float(weight))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 @dataclass
 class Answer:
     """The generated answer for one query.
 
-    ``candidates`` best first, as ``(text, logprob)``; ``provenance`` in the order the passages were
-    given (the reranker's); ``timings`` seconds per stage when a pipeline made it (for a batch, the
-    whole batch's stage times).
+    ``candidates`` best first, as ``(text, logprob)``; ``provenance`` the passages as
+    :class:`re2g.types.Candidate` records in the order they were given (the reranker's), ``weight`` set
+    to p(z_j | x); ``timings`` seconds per stage when a pipeline made it (for a batch, the whole
+    batch's stage times).
     """
 
     answer: str
-    candidates: list[Candidate]
-    provenance: list[ProvenancePassage]
+    candidates: list[AnswerCandidate]
+    provenance: list[Candidate]
     query: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -108,10 +73,11 @@ class Answer:
 
 def make_answer(query: str, candidates: Sequence[tuple[str, float]], passages: Sequence[Any],
                 doc_log_w: torch.Tensor) -> Answer:
-    """Sort candidates best first and attach provenance with weights exp(doc_log_w) (n_docs,)."""
-    ranked = sorted((Candidate(t, float(lp)) for t, lp in candidates), key=lambda c: -c.logprob)
+    """Sort candidates best first and attach provenance: the passages as :class:`re2g.types.Candidate`
+    records (:meth:`Candidate.of`) with weights exp(doc_log_w) (n_docs,)."""
+    ranked = sorted((AnswerCandidate(t, float(lp)) for t, lp in candidates), key=lambda c: -c.logprob)
     weights = doc_log_w.detach().exp().tolist()
-    prov = [ProvenancePassage.from_passage(p, w) for p, w in zip(passages, weights)]
+    prov = [Candidate.of(p, j).with_(weight=float(w)) for j, (p, w) in enumerate(zip(passages, weights))]
     return Answer(answer=ranked[0].text if ranked else "", candidates=ranked, provenance=prov, query=query)
 
 
