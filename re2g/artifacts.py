@@ -171,16 +171,16 @@ def read_manifest(directory: str | Path, kind: str | tuple[str, ...]) -> Manifes
             raise fail(f"{path}: not a {first.what} manifest this re2g reads ({found or 'no kind or version'})")
         raw = mapped
     if raw.get("kind") not in kinds:
-        raise ArtifactError(f"{path}: a {KINDS[raw['kind']].what if raw.get('kind') in KINDS else raw.get('kind')!r}, "
-                            f"not a {first.what}")
+        found = KINDS[raw["kind"]].what if raw.get("kind") in KINDS else repr(raw.get("kind"))
+        raise ArtifactError(f"{path}: a {found}, not a {first.what}")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
         raise fail(f"{path}: malformed manifest: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
     for need in KINDS[manifest.kind].required:
         section, _, key = need.partition(".")
-        where = getattr(manifest, section) if key else manifest.model_dump()
-        if (key or section) not in where:
+        value = getattr(manifest, section).get(key) if key else manifest.model_dump().get(section)
+        if value is None:
             raise fail(f"{path}: the manifest lacks {need!r}")
     return manifest
 

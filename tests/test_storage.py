@@ -32,13 +32,16 @@ def test_mirror_pull_push_markers_last(tmp_path, monkeypatch):
     (out / "manifest.json").write_text("{}")
     Path(m.local, ".index.building-1").mkdir()
     Path(m.local, ".index.building-1", "junk").write_text("tmp")
+    Path(m.local, "index", ".bm25.tmp-123-abcd1234").mkdir()  # a nested build's temporary, and a file's
+    Path(m.local, "index", ".bm25.tmp-123-abcd1234", "segments_1").write_text("tmp")
+    (out / ".manifest.json.tmp-123-abcd1234").write_text("{")
     order = []
     orig = m.fs.put_file
     monkeypatch.setattr(m.fs, "put_file", lambda src, dst, **kw: (order.append(dst), orig(src, dst, **kw)))
     assert m.push() == 2  # the two new files; unchanged pulled files and temporary dirs stay
     assert order[-1].endswith("index/dense/manifest.json") and order[0].endswith("shard_00000.faiss")
     assert fs.cat(f"{root}/index/dense/shard_00000.faiss") == b"f" * 5
-    assert not fs.exists(f"{root}/.index.building-1/junk")
+    assert not fs.exists(f"{root}/.index.building-1/junk") and not fs.exists(f"{root}/index/.bm25.tmp-123-abcd1234")
 
 
 def test_build_index_job_on_a_remote_run_dir(tiny_passages, tiny_models, tmp_path, monkeypatch, ray_local):
