@@ -49,6 +49,12 @@ words, so each paragraph fills exactly one passage by itself and two never share
 ``re2g.data.passages.split_page`` on a 2,000-page bench sample: 6,000 passages).
 That is ~74M words, ~500 MB of JSONL (~45 s on one core here); the tokenizers are trained on the first
 20,000 pages.
+
+**Why one module (~900 lines).** Most of it is one seeded generator: the relation templates and word
+pools (data), the world, the page text and the task records draw from three ``random.Random`` streams
+in a fixed order, and "same config, byte-identical files" rests on that order; split across modules,
+a change in one would silently reorder draws made in another. What is not the generator (the summary,
+the manifest, the atomic output directory: :mod:`re2g.artifacts`) is short and is the writer's own.
 """
 
 from __future__ import annotations
