@@ -3,15 +3,19 @@
 ```
 RUN_DIR/
   config.yaml            the config the run was made with
-  sample/                the sample task (when the run uses it)
-  passages/              passages Parquet (pid, title, text, wikipedia_id)
+  sample/                the sample task (when the run uses it) + sample.json
+  passages/              passages Parquet (pid, title, text, wikipedia_id) + _manifest.json
   models/dpr_init/       bi-encoder before training   models/dpr/  after stage 1
-  models/reranker/ ...   one save_pretrained directory per model and stage
+  models/reranker/ ...   one save_pretrained directory per model and stage + re2g_model.json
   embeddings/            Parquet pid, vector + _embeddings.json
   index/dense/           HNSW shards + manifest.json
-  index/bm25/            Lucene index
+  index/bm25/            Lucene index + re2g_bm25.json
   reports/               metrics JSON, Markdown, plots
 ```
+
+Each artifact directory's manifest (the ``*.json`` named above) is in the one schema of
+:mod:`re2g.artifacts` (kind, version, config, fingerprints, counts, checksums); the directory is
+complete when its manifest is there, and appears at its path only once complete.
 """
 
 from __future__ import annotations
