@@ -100,3 +100,35 @@ def tiny_run_dir(tiny_sample, tiny_passages, tiny_models, tmp_path_factory):
     build_indexes(cfg, passages=str(run / "passages"), embeddings=str(run / "embeddings"),
                   dense_dir=str(run / "index" / "dense"), bm25_dir=str(run / "index" / "bm25"), use_ray=False)
     return run
+
+
+# --------------------------------------------------------------------------- Serve, once per session
+# Serve's controller and HTTP proxy start once per pytest process (each start and shutdown cost tens of
+# seconds on 2 cores); the Serve tests' applications are deployed on that one instance, one at a time
+# (``ServeInstance.app``): tests/test_serve.py's (API key, CORS, a tight front door) and the plain one that
+# tests/test_serve_resilience.py and tests/test_web_page.py share. The helpers live in tests/test_serve.py.
+
+
+@pytest.fixture(scope="session")
+def serve_run_dir(tiny_passages, tiny_models, tmp_path_factory):
+    """The Serve tests' run directory (read-only): the session's tiny passages and untrained models,
+    embeddings, 2 exact dense shards + BM25 (``test_serve.RUN_OVERRIDES``)."""
+    from test_serve import make_run_dir
+
+    run = tmp_path_factory.mktemp("serve-run") / "run"
+    run.mkdir()
+    return make_run_dir(run, tiny_passages, tiny_models)
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_local):
+    """Serve on the session's local Ray, started once (in the background) and shut down at the end of the
+    session; request it before ``serve_run_dir`` so the two overlap."""
+    from ray import serve
+
+    from test_serve import ServeInstance
+
+    instance = ServeInstance()
+    yield instance
+    instance.thread.join()
+    serve.shutdown()

@@ -1,5 +1,6 @@
 """The Serve application over real HTTP: a tiny run directory (exact dense shards + BM25, untrained tiny
-models) served with ``serve.run`` on the session's local Ray (2 CPUs, fractional CPUs per replica).
+models) served with ``serve.run`` on the session's local Ray (2 CPUs, fractional CPUs per replica), on the
+session's one Serve instance (conftest ``serve_instance``; the app is this module's own configuration).
 
 Checks the API (answer, batch, retrieve, rerank, health, OpenAPI, docs), that every bad request gets a
 4xx with a JSON body naming the field, oversize bodies (413), the API key (401), CORS, the deadline
@@ -69,40 +70,53 @@ def make_run_dir(run: Path, tiny_passages: Path, tiny_models: dict, overrides=RU
     return run
 
 
-def shared_run_dir(tmp_path_factory, tiny_passages, tiny_models) -> Path:
-    """One tiny run directory per test session, shared read-only by the Serve and web-page tests."""
-    run = tmp_path_factory.getbasetemp() / "serve-run" / "run"
-    done = run.parent / "complete"
-    if not done.exists():
-        if run.parent.exists():
-            shutil.rmtree(run.parent)
-        run.mkdir(parents=True)
-        make_run_dir(run, tiny_passages, tiny_models)
-        done.touch()
-    return run
+# the plain app: no API key, the serve config's replica counts (2 ingress replicas) and deadlines, small
+# CPU reservations; tests/test_serve_resilience.py (it kills its replicas) and tests/test_web_page.py share it
+PLAIN_APP = "re2g-plain"
+PLAIN_OVERRIDES = ["serve.api_key_env=null", "serve.ingress.num_cpus=0.05", "serve.retriever.num_cpus=0.1",
+                   "serve.reranker.num_cpus=0.1", "serve.generator.num_cpus=0.1"]
 
 
-class ServeStarter:
-    """``serve.start`` on a free loopback port (with re2g's proxy middleware, ``serve.proxy``), in a
-    background thread (it takes a while, and so does building the run directory; they overlap), then
-    ``serve.run`` of the app."""
+class ServeInstance:
+    """``serve.start`` on a free loopback port (with re2g's proxy middleware, ``serve.proxy``), begun in a
+    background thread (it takes a while, and so does building the run directory; they overlap); :meth:`app`
+    deploys an application on it (the ``serve_instance`` fixture: one per test session)."""
 
     def __init__(self):
-        from serve.proxy import start_serve
+        import threading
 
-        self.port = free_port()
         self.error: BaseException | None = None
-
-        def start():
-            try:
-                start_serve({"host": "127.0.0.1", "port": self.port})
-            except BaseException as e:  # re-raised in run()
-                self.error = e
-
-        self.thread = threading.Thread(target=start, daemon=True)
+        self.current: tuple | None = None           # (name, run_dir, overrides) of the app deployed now
+        self.port = free_port()
+        self.thread = threading.Thread(target=self._start, daemon=True)
         self.thread.start()
 
-    def run(self, run_dir: Path, overrides: list[str], name: str = "re2g-test") -> str:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _start(self) -> None:
+        from serve.proxy import start_serve
+
+        try:
+            start_serve({"host": "127.0.0.1", "port": self.port})
+        except BaseException as e:  # re-raised in app()
+            self.error = e
+
+    def _up(self) -> bool:
+        """Serve still runs on our port (a test module of its own may have shut Serve down)."""
+        from ray import serve
+
+        if not serve.status().proxies:
+            return False
+        try:
+            return httpx.get(f"{self.url}/-/healthz", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def app(self, name: str, run_dir: Path, overrides: list[str]) -> str:
+        """The base URL of app ``name`` (``build_app`` over ``run_dir`` with ``overrides``, at ``/``): deployed
+        unless it runs already with the same settings; the app deployed before it is deleted first."""
         from ray import serve
 
         from serve.app import build_app
@@ -110,28 +124,32 @@ class ServeStarter:
         self.thread.join()
         if self.error is not None:
             raise self.error
-        serve.run(build_app({"run_dir": str(run_dir), "overrides": overrides}), name=name, route_prefix="/")
-        return f"http://127.0.0.1:{self.port}"
+        if not self._up():
+            serve.shutdown()
+            self.current, self.port = None, free_port()
+            self._start()
+            if self.error is not None:
+                raise self.error
+        key = (name, str(run_dir), tuple(overrides))
+        status = serve.status().applications.get(name)
+        if self.current == key and status is not None and status.status == "RUNNING":
+            return self.url
+        if self.current is not None:
+            serve.delete(self.current[0])
+            self.current = None
+        serve.run(build_app({"run_dir": str(run_dir), "overrides": list(overrides)}), name=name, route_prefix="/")
+        self.current = key
+        return self.url
 
 
 @pytest.fixture(scope="module")
-def starter(ray_local):
-    return ServeStarter()
+def run_dir(serve_instance, serve_run_dir):
+    return serve_run_dir
 
 
 @pytest.fixture(scope="module")
-def run_dir(starter, tiny_passages, tiny_models, tmp_path_factory):
-    return shared_run_dir(tmp_path_factory, tiny_passages, tiny_models)
-
-
-@pytest.fixture(scope="module")
-def base_url(starter, run_dir):
-    from ray import serve
-
-    try:
-        yield starter.run(run_dir, APP_OVERRIDES)
-    finally:
-        serve.shutdown()
+def base_url(serve_instance, run_dir):
+    return serve_instance.app("re2g-test", run_dir, APP_OVERRIDES)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """No request lost when a replica dies: the real Serve app (shared tiny run directory, the proxy
-middleware of ``serve.proxy``, default replica counts: 2 ingress replicas, 1 of each model deployment)
+middleware of ``serve.proxy``, default replica counts: 2 ingress replicas, 1 of each model deployment;
+the plain app on the session's Serve instance, deployed once for this module and tests/test_web_page.py)
 answers a bounded load of ``/v1/answer`` on loopback while one replica of each deployment in turn is
 killed with SIGKILL, and every request gets a 200.
 
@@ -20,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import ServeStarter, shared_run_dir
+from test_serve import PLAIN_APP, PLAIN_OVERRIDES
 
-APP = "re2g-resilience"
+APP = PLAIN_APP          # the plain app, shared with tests/test_web_page.py
 KILLED = ("Generator", "Reranker", "Retriever", "Ingress")
 # the load per killed deployment; larger for a measurement, e.g. the issue's:
 # RE2G_RESILIENCE_REQUESTS=300 RE2G_RESILIENCE_CONCURRENCY=8 pytest -s tests/test_serve_resilience.py -k killed
@@ -30,12 +31,9 @@ REQUESTS = int(os.environ.get("RE2G_RESILIENCE_REQUESTS", "40"))
 CONCURRENCY = int(os.environ.get("RE2G_RESILIENCE_CONCURRENCY", "4"))
 KILL_AFTER = REQUESTS // 5     # answered requests before the kill (the load is running then)
 # the serve config's defaults (deadline 30 s, health checks every 2 s: a dead replica is noticed within
-# them), with small CPU reservations
-OVERRIDES = [
-    "serve.api_key_env=null",
-    "serve.ingress.num_cpus=0.05", "serve.retriever.num_cpus=0.1", "serve.reranker.num_cpus=0.1",
-    "serve.generator.num_cpus=0.1",
-] + [o for o in os.environ.get("RE2G_RESILIENCE_OVERRIDES", "").split(",") if o]
+# them), with small CPU reservations (test_serve.PLAIN_OVERRIDES); more from the environment (then the app
+# is deployed again, with them, for this module)
+OVERRIDES = PLAIN_OVERRIDES + [o for o in os.environ.get("RE2G_RESILIENCE_OVERRIDES", "").split(",") if o]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -242,15 +240,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_passages, tiny_models, tmp_path_factory):
-    from ray import serve
-
-    starter = ServeStarter()
-    run = shared_run_dir(tmp_path_factory, tiny_passages, tiny_models)
-    try:
-        yield starter.run(run, OVERRIDES, name=APP)
-    finally:
-        serve.shutdown()
+def served(serve_instance, serve_run_dir):
+    return serve_instance.app(APP, serve_run_dir, OVERRIDES)
 
 
 async def load_while_killing(url: str, queries: list[str], deployment: str) -> dict:

@@ -22,8 +22,6 @@ import time
 
 import pytest
 
-from test_serve import shared_run_dir
-
 schemathesis = pytest.importorskip("schemathesis")
 
 CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conformance",
@@ -89,14 +87,14 @@ class LocalBackend:
 
 
 @pytest.fixture(scope="module")
-def app(ray_local, tiny_passages, tiny_models, tmp_path_factory):
+def app(ray_local, serve_run_dir):
     import torch
 
     from serve.api import create_api
     from serve.app import Generator, Reranker, Retriever, api_settings
     from serve.components import load_query_tokenizer, preflight, resolve_config
 
-    run = shared_run_dir(tmp_path_factory, tiny_passages, tiny_models)
+    run = serve_run_dir
     cfg = resolve_config(run, overrides=["serve.api_key_env=null"])
     pieces = preflight(run, cfg)
     threads = torch.get_num_threads()           # the stages set their replica's thread count

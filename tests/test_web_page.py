@@ -1,7 +1,9 @@
 """The web page at ``/`` in a real browser: Debian's headless Chromium driven by Selenium (chromedriver),
-against the Serve app on the session's local Ray. Type a query, see the evidence passages (as soon as
-they are reranked: the page reads ``/v1/answer``'s event stream) and then the answer, with sources and
-scores; on a phone-sized screen too. Screenshots go to ``test-artifacts/`` (git-ignored).
+against the Serve app on the session's local Ray (the plain app: no API key; the same deployed app as
+tests/test_serve_resilience.py's, which may have run first: its killed replicas have been replaced).
+Type a query, see the evidence passages (as soon as they are reranked: the page reads ``/v1/answer``'s
+event stream) and then the answer, with sources and scores; on a phone-sized screen too. Screenshots go
+to ``test-artifacts/`` (git-ignored).
 
 The stream itself over the same app, through Serve's proxy: the events in order, and the same answer as
 without ``stream`` (the HTTP layer's own stream tests: tests/test_serve_stream.py).
@@ -20,32 +22,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import ServeStarter, shared_run_dir
+from test_serve import PLAIN_APP, PLAIN_OVERRIDES
 from test_serve_stream import read_events, without_timings
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-APP_OVERRIDES = ["serve.ingress.num_cpus=0.05", "serve.retriever.num_cpus=0.1", "serve.reranker.num_cpus=0.1",
-                 "serve.generator.num_cpus=0.1", "serve.api_key_env=null"]
 
 HAS_BROWSER = Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
 
 
 @pytest.fixture(scope="module")
-def starter(ray_local):
-    return ServeStarter()
-
-
-@pytest.fixture(scope="module")
-def base_url(starter, tiny_passages, tiny_models, tmp_path_factory):
-    from ray import serve
-
-    run = shared_run_dir(tmp_path_factory, tiny_passages, tiny_models)
-    try:
-        yield starter.run(run, APP_OVERRIDES, name="re2g-web")
-    finally:
-        serve.shutdown()
+def base_url(serve_instance, serve_run_dir):
+    """The plain app (no API key), shared with tests/test_serve_resilience.py."""
+    return serve_instance.app(PLAIN_APP, serve_run_dir, PLAIN_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
