@@ -168,7 +168,7 @@ def test_jobs_build_the_run_layout(tiny_passages, tiny_models, tmp_path, ray_loc
     assert embed_corpus.main(common) == 0
     assert build_index.main(common) == 0
     manifest = json.loads((run / "index" / "dense" / "manifest.json").read_text())
-    assert manifest["total_count"] == pads.dataset(str(tiny_passages), format="parquet").count_rows()
+    assert manifest["counts"]["vectors"] == pads.dataset(str(tiny_passages), format="parquet").count_rows()
     assert len(manifest["shards"]) == 2
     assert (run / "jobs" / "build_index.json").exists() and (run / "config.yaml").exists()
     # a bad config is a clear, non-zero exit
