@@ -13,14 +13,13 @@ def run_training_job(name: str, stage: str, argv: list[str] | None, doc: str) ->
     def body(cfg, layout):
         from rich.console import Console
 
-        from re2g.train import api
-
-        from re2g.train import generation
+        from re2g.train import api, rag_driver
+        from re2g.train.rag_eval import results_table
 
         fn = {"dpr": api.train_dpr, "reranker": api.train_reranker, "joint": api.train_joint,
-              "generator": generation.train_generator, "e2e": generation.train_e2e}[stage]
+              "generator": rag_driver.train_generator, "e2e": rag_driver.train_e2e}[stage]
         result = fn(cfg)
-        Console().print(generation.results_table(result) if stage in ("generator", "e2e") else result.table())
+        Console().print(results_table(result) if stage in ("generator", "e2e") else result.table())
         return result.to_dict()
 
     return run_job(name, args, body)

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     def body(cfg, layout):
         from rich.console import Console
 
-        from re2g.train.generation import results_table, train_e2e
+        from re2g.train.rag_driver import train_e2e
+        from re2g.train.rag_eval import results_table
 
         result = train_e2e(cfg, query_encoder=args.query_encoder)
         Console().print(results_table(result))

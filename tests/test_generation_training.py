@@ -1,14 +1,12 @@
 """Stage 2 (generation, RAG) and stage 4 (end to end) on the tiny sample task.
 
-Fast part: the loss of one micro-batch, in process, against the tiny run directory's exact index
-(gradients reach the reranker in stage 4, the query encoder only with ``combined`` and ``distill``;
-``frozen`` leaves it bitwise unchanged; the context encoder never trains), candidate merging, the
-padded score matrices, and one short Ray Train run of stage 2 through the index-shard actors
-(checkpoint with eval.json, saved model layout, before/after metrics).
-
-Slow part (``-m slow``): stage 2 long enough to learn, then stage 3 (reranker) and stage 4 with each
-query-encoder option, on 2 Ray Train workers with DeepSpeed ZeRO-2. Numbers measured here are in
-the docstrings of the tests and in docs/e2e_options.md.
+In process, against the tiny run directory's exact index: the loss of one micro-batch (gradients
+reach the reranker in stage 4, the query encoder only with ``combined`` and ``distill``; ``frozen``
+leaves it bitwise unchanged; the context encoder never trains), the padded score matrices,
+training's candidate lists against the hybrid retriever's that serving uses, and dev metrics that do
+not depend on the batch size or order. Then one short Ray Train run of stage 2 through the
+index-shard actors (checkpoint with eval.json, saved model layout, before/after metrics). Stage 4's
+learning runs are in tests/test_quickstart.py; the option comparison's numbers in docs/e2e_options.md.
 """
 
 from __future__ import annotations
@@ -21,9 +19,11 @@ import pytest
 import torch
 
 from re2g.config import GenerationConfig, RetrievalConfig
-from re2g.train.generation import (QUERY_ENCODER_OPTIONS, IndexHandle, Re2GModel, bm25_entries, bm25_hits,
-                                   e2e_step, evaluate_e2e, evaluate_rag, fused_candidates, passage_scores,
-                                   plan_examples, rag_step, training_examples)
+from re2g.train.rag_eval import evaluate_e2e, evaluate_rag
+from re2g.train.rag_model import Re2GModel
+from re2g.train.rag_stages import E2EStage, plan_examples, training_examples
+from re2g.train.rag_steps import (QUERY_ENCODER_OPTIONS, IndexHandle, bm25_entries, bm25_hits, e2e_step,
+                                  fused_candidates, passage_scores, rag_step)
 from re2g.types import Candidate
 
 TINY = ["data.sample.size=tiny", "train.cpus_per_worker=0.5", "train.num_workers=2", "train.deepspeed.zero_stage=2",
@@ -148,8 +148,6 @@ def test_e2e_gradients_per_option(parts, option):
     # candidates: DPR top-12 then new BM25 hits; the generator saw the reranker's top-5
     assert all(12 <= len(c) <= 24 for c in step.candidates) and all(len(t) == 5 for t in step.top)
     assert all(set(t) <= {x.pid for x in c} for t, c in zip(step.top, step.candidates))
-
-    from re2g.train.generation import E2EStage
 
     groups = E2EStage(None, None, "", None, 1e-3, option=option).param_groups(model)
     opt = torch.optim.AdamW(groups)
@@ -290,7 +288,7 @@ def _cfg(run: Path, *extra: str):
 @pytest.fixture(scope="module")
 def short_run(tiny_run_dir, tmp_path_factory, ray_local):
     """Stage 2 for 4 steps (checkpoints at 2 and 4) through the index-shard actors."""
-    from re2g.train.generation import train_generator
+    from re2g.train.rag_driver import train_generator
 
     run = tmp_path_factory.mktemp("gen-short") / "run"
     shutil.copytree(tiny_run_dir, run)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from re2g.train.data import QueryRecord, candidate_list, filter_negatives, pack_conflict_free, plan_dpr
+from re2g.train.data import QueryRecord, filter_negatives
 from re2g.train.deepspeed_config import build_deepspeed_config, warmup_linear_decay
+from re2g.train.plans import candidate_list, pack_conflict_free, plan_dpr
 
 TINY = ["data.sample.size=tiny", "train.cpus_per_worker=0.5", "train.num_workers=2",
         "train.deepspeed.zero_stage=2", "models.shared_encoder=true", "models.passage_max_length=64",

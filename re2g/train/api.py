@@ -31,8 +31,9 @@ from pathlib import Path
 from re2g.config import Re2GConfig, StageTrainConfig, save_config
 from re2g.errors import ArtifactError
 from re2g.layout import RunLayout, join
-from re2g.train.data import (QueryRecord, load_queries, mine_negatives, mine_negatives_ray, plan_dpr, plan_lists,
-                             read_records, retrieve_candidates, retrieve_candidates_ray, to_dataset, write_records)
+from re2g.train.data import (QueryRecord, load_queries, mine_negatives, mine_negatives_ray, read_records,
+                             retrieve_candidates, retrieve_candidates_ray, write_records)
+from re2g.train.plans import plan_dpr, plan_lists, to_dataset
 from re2g.train.evaluate import DevSet, metrics_dict, report
 from re2g.train.loop import LoopSpec, StageRun, run_loop
 

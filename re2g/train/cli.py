@@ -81,19 +81,20 @@ def joint(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = Non
 def _run_generation(stage: str, config, preset, set_, query_encoder: str | None = None,
                     verbose: bool = False) -> None:
     from re2g.config import load_config
-    from re2g.train import generation
+    from re2g.train import rag_driver
+    from re2g.train.rag_eval import results_table
 
     try:
         cfg = load_config(config, preset=preset, overrides=set_ or [])
         _connect(cfg, verbose)
         log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
         if stage == "generator":
-            result = generation.train_generator(cfg, log=log)
+            result = rag_driver.train_generator(cfg, log=log)
         else:
-            result = generation.train_e2e(cfg, query_encoder=query_encoder, log=log)
+            result = rag_driver.train_e2e(cfg, query_encoder=query_encoder, log=log)
     except Re2GError as e:
         _error(e)
-    Console().print(generation.results_table(result))
+    Console().print(results_table(result))
     console.print(f"model: {result.model_dir}   checkpoint: {result.run.checkpoint_dir}")
 
 
@@ -119,17 +120,18 @@ def e2e_options(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt
     """Stage 4 once per query-encoder option (combined, frozen, distill) from the same start; the
     comparison table goes to RUN_DIR/reports/e2e_options.md."""
     from re2g.config import load_config
-    from re2g.train import generation
+    from re2g.train.rag_driver import compare_e2e_options
+    from re2g.train.rag_eval import results_table
 
     try:
         cfg = load_config(config, preset=preset, overrides=set_ or [])
         _connect(cfg, verbose)
         log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-        out = generation.compare_e2e_options(cfg, log=log)
+        out = compare_e2e_options(cfg, log=log)
     except Re2GError as e:
         _error(e)
     for option, result in out["results"].items():
-        Console().print(generation.results_table(result))
+        Console().print(results_table(result))
     Console().print(out["markdown"])
     console.print(f"written: {out['path']}")
 

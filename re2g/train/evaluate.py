@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from re2g.eval.retrieval import RetrievalReport, evaluate_rankings
+from re2g.models.reranker import rerank_top
 
 KS = (1, 5, 20)
 MRR_K = 10
@@ -48,36 +49,31 @@ def report(name: str, rankings: Sequence[Sequence[str]], dev: DevSet, lookup: Ma
 @torch.no_grad()
 def dense_rankings(biencoder, queries: Sequence[str], lookup: Mapping, k: int = max(KS),
                    batch_size: int = 128) -> list[list[str]]:
-    """Exact inner-product top-``k`` over every passage in ``lookup`` (pid -> (title, text, wid))."""
+    """Exact inner-product top-``k`` over every passage in ``lookup`` (pid -> (title, text, wid)),
+    ordered by :func:`re2g.models.reranker.rerank_top` (descending, ties in corpus order)."""
     pids = list(lookup)
     P = biencoder.embed_passages([lookup[p][0] for p in pids], [lookup[p][1] for p in pids],
                                  batch_size=batch_size)  # (N, D)
     Q = biencoder.embed_queries(list(queries), batch_size=batch_size)  # (B, D)
-    S = Q @ P.T  # (B, N)
-    k = min(k, len(pids))
-    top = np.argsort(-S, axis=1, kind="stable")[:, :k]
-    return [[pids[j] for j in row] for row in top]
+    S = torch.from_numpy(np.ascontiguousarray(Q @ P.T))  # (B, N)
+    top, _ = rerank_top(S, torch.ones_like(S, dtype=torch.bool), k)  # (B, k)
+    return [[pids[j] for j in row] for row in top.tolist()]
 
 
 @torch.no_grad()
 def rerank_rankings(reranker, queries: Sequence[str], candidates: Sequence[Sequence[str]], lookup: Mapping,
                     batch_size: int = 64) -> list[list[str]]:
-    """Each query's candidates sorted by the reranker's score (stable: ties keep the retriever order)."""
-    was = reranker.training
-    reranker.eval()
-    out = []
-    try:
-        for q, cands in zip(queries, candidates):
-            cands = [c for c in cands if c in lookup]
-            if not cands:
-                out.append([])
-                continue
-            s = reranker.score_pairs([q] * len(cands), [lookup[c][0] for c in cands], [lookup[c][1] for c in cands],
-                                     batch_size=batch_size).float().cpu().numpy()
-            out.append([cands[j] for j in np.argsort(-s, kind="stable")])
-    finally:
-        reranker.train(was)
-    return out
+    """Each query's candidates (those in ``lookup``) sorted by the reranker's score, the scoring and
+    ordering stage 4 and inference use (``CrossEncoder.score_lists`` + ``rerank_top``: ties keep the
+    retriever order)."""
+    from re2g.models.encoders import eval_mode
+
+    lists = [[c for c in cands if c in lookup] for cands in candidates]
+    with eval_mode(reranker):
+        z, mask = reranker.score_lists(list(queries), [[lookup[c][:2] for c in cs] for cs in lists],
+                                       batch_size=batch_size)  # (B, C)
+    top, keep = rerank_top(z, mask, z.shape[1])
+    return [[cs[j] for j, m in zip(row, km) if m] for cs, row, km in zip(lists, top.tolist(), keep.tolist())]
 
 
 def metrics_dict(rep: RetrievalReport, prefix: str = "dev_") -> dict[str, float]:

@@ -159,7 +159,7 @@ def train_loop(config: dict) -> None:
     losses: list[float] = []
     t_last, ex_last = time.time(), state["examples"]
     last_reported = -1
-    from re2g.train.data import decode_batch
+    from re2g.train.plans import decode_batch
 
     def checkpoint_and_report(step: int, metrics: dict, with_ckpt: bool) -> None:
         nonlocal last_reported
