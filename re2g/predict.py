@@ -1,8 +1,11 @@
 """KILT-format predictions for a task file from a run directory (``re2g predict``).
 
-Small sets run in this process; large ones go through Ray Data, a pool of pipeline actors each
-loading the run once (``map_batches`` with ``ActorPoolStrategy``). Either way the output is a KILT
-jsonl in the input's order, written atomically, which ``re2g evaluate kilt`` scores.
+The in-process pipeline (:class:`re2g.pipeline.Re2GPipeline`, the three stage objects of
+:mod:`re2g.stages` loaded by :mod:`re2g.run`, as Serve's deployments load them) over the examples:
+small sets in this process, large ones through Ray Data, a pool of actors each loading the run once
+(``map_batches`` with ``ActorPoolStrategy``); both call the same :class:`PipelinePredictor`. Either
+way the output is a KILT jsonl in the input's order, written atomically, which ``re2g evaluate kilt``
+scores (tests/test_one_path.py: the same answers as the pipeline and the served app).
 """
 
 from __future__ import annotations

@@ -150,11 +150,12 @@ def resolve_run(run_dir: str | Path, cfg: Re2GConfig, *, biencoder: str | Path |
     m = cfg.models
     query_encoder = fingerprint = None
     if has_dense:
-        query_encoder = str(biencoder or pick_biencoder_dir(layout) or m.query_encoder or "") or None
-        if query_encoder is None:
+        source = biencoder or pick_biencoder_dir(layout) or m.query_encoder
+        if source is None:
             raise ArtifactError(f"{run}: a dense index but no query encoder: none of "
                                 f"{', '.join(layout.model(n) for n in BIENCODER_DIRS)} exists and "
                                 "models.query_encoder is not set")
+        query_encoder = str(source)
         fingerprint = _check_dense(dense_dir, query_encoder, passages, n_passages)
     if has_bm25:
         from re2g.index.bm25 import read_manifest as read_bm25_manifest

@@ -258,6 +258,10 @@ PassageIn = _DEFAULT.PassageIn
 # --------------------------------------------------------------------------- responses
 
 
+QueryTruncated = Annotated[bool, Field(description="the query was cut to serve.max_query_tokens tokens "
+                                      "(query is the part that was answered)")]
+
+
 class Timings(BaseModel):
     """Seconds per stage as the ingress saw them (queueing and batching included)."""
 
@@ -348,8 +352,7 @@ class AnswerResponse(BaseModel):
     """An answer with its candidates, provenance and per-stage timings."""
 
     query: str = Field(description="the query as answered")
-    query_truncated: bool = Field(False, description="the query was cut to serve.max_query_tokens tokens "
-                                  "(query is the part that was answered)")
+    query_truncated: QueryTruncated = False
     answer: str
     candidates: list[CandidateOut]
     provenance: list[ProvenanceOut]
@@ -365,16 +368,14 @@ class BatchAnswerResponse(BaseModel):
 
 class RetrieveResponse(BaseModel):
     query: str = Field(description="the query as searched")
-    query_truncated: bool = Field(False, description="the query was cut to serve.max_query_tokens tokens "
-                                  "(query is the part that was answered)")
+    query_truncated: QueryTruncated = False
     hits: list[HitOut]
     timings: Timings
 
 
 class RerankResponse(BaseModel):
     query: str = Field(description="the query as scored")
-    query_truncated: bool = Field(False, description="the query was cut to serve.max_query_tokens tokens "
-                                  "(query is the part that was answered)")
+    query_truncated: QueryTruncated = False
     passages: list[RerankedOut]
     timings: Timings
 

@@ -165,7 +165,8 @@ class HybridRetriever:
             return []
         c = self.cfg
 
-        def part(retriever, n: int) -> list | list[list[Candidate]]:
+        def part(retriever, n: int) -> list[list[Candidate] | None]:
+            """One part's hits per query; None per query for a part the run lacks."""
             if retriever is None:
                 return [None] * len(queries)
             return retriever.batch_search(queries, n) if n else [[] for _ in queries]
