@@ -5,7 +5,7 @@ Here, and only here, the side effects of starting a stage: the dense index built
 (:func:`ensure_dense_index`), the starting model directories found or initialised
 (:func:`start_generator`, :func:`start_reranker`), BM25 retrieved once for every training and dev
 query, the index-shard actors started and stopped; then ``re2g.train.api.run_stage`` trains and
-evaluates. Models go to ``RUN_DIR/models/generation`` (stage 2) and ``RUN_DIR/models/e2e-<option>``.
+evaluates. Models go to ``RUN_DIR/models/generator`` (stage 2) and ``RUN_DIR/models/e2e-<option>``.
 """
 
 from __future__ import annotations
