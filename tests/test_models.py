@@ -7,7 +7,6 @@ Face layout those checkpoints have, loaded by path through the same ``from_pretr
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from re2g.errors import ArtifactError, ConfigError
 from re2g.models.encoders import BiEncoder
 from re2g.models.factory import (build_tiny_biencoder, build_tiny_generator, build_tiny_reranker,
                                  load_biencoder, load_generator, load_reranker)
-from re2g.models.fingerprint import MODEL_META_FILE, encoder_fingerprint, module_fingerprint
+from re2g.models.fingerprint import MODEL_META_FILE, encoder_fingerprint, module_fingerprint, read_model_meta
 from re2g.models.generator import Generator
 from re2g.models.reranker import CrossEncoder
 from re2g.types import Passage
@@ -106,7 +105,8 @@ def test_biencoder_round_trip(wp_dir, tmp_path, shared):
     be.save_pretrained(tmp_path / "be")
     assert (tmp_path / "be" / "query_encoder").is_dir() and (tmp_path / "be" / "tokenizer").is_dir()
     assert (tmp_path / "be" / "ctx_encoder").is_dir() is not shared
-    meta = json.loads((tmp_path / "be" / MODEL_META_FILE).read_text())
+    assert (tmp_path / "be" / MODEL_META_FILE).is_file()
+    meta = read_model_meta(tmp_path / "be")  # the one manifest schema (fingerprints.encoder -> fingerprint)
     assert meta["kind"] == "biencoder" and meta["shared"] is shared and meta["fingerprint"] == be.fingerprint()
 
     be2 = BiEncoder.from_pretrained(tmp_path / "be").eval()
