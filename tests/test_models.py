@@ -7,7 +7,6 @@ Face layout those checkpoints have, loaded by path through the same ``from_pretr
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
