@@ -244,7 +244,9 @@ def test_embed_corpus_job_writes_a_file_uri_run_dir(embedded, tiny_inputs, local
     assert out["outputs"]["passages"] == tiny_inputs["count"]
     assert out["outputs"]["out"] == str(run / "embeddings")  # file:// is worked on as a local path
     assert pads.dataset(str(run / "embeddings"), format="parquet").count_rows() == tiny_inputs["count"]
-    assert json.loads((run / "embeddings" / "_embeddings.json").read_text())["passages"] == tiny_inputs["count"]
+    from re2g.index.embed import read_embeddings_meta
+
+    assert read_embeddings_meta(run / "embeddings")["passages"] == tiny_inputs["count"]
     manifest = json.loads((run / "jobs" / "embed_corpus.json").read_text())
     assert manifest["config"]["run_dir"] == uri
     assert (run / "config.yaml").exists(), "a URI run directory keeps its config too"
@@ -270,7 +272,9 @@ def test_build_index_job_runs_on_the_index_node(embedded, local_head):
                           options=("--entrypoint-resources", json.dumps({"index_node": 1}),
                                    "--submission-id", f"re2g-index-{secrets.token_hex(3)}"))
     out = _job_output(_check(r))
-    dense = json.loads((run / "index" / "dense" / "manifest.json").read_text())
+    from re2g.index.dense import read_manifest
+
+    dense = read_manifest(run / "index" / "dense")
     assert dense["total_count"] == out["outputs"]["dense"]["total_count"] and len(dense["shards"]) == 2
     assert (run / "index" / "bm25").is_dir() and out["outputs"]["bm25"]["count"] == dense["total_count"]
     assert (run / "jobs" / "build_index.json").exists()

@@ -98,13 +98,12 @@ class ScriptedBackend:
     async def rerank(self, query, hits, top_k):
         await self._stage("rerank")
         order = sorted(hits, key=lambda h: h.pid, reverse=True)[:top_k]
-        return [SimpleNamespace(**vars(h), rerank_score=1.0 - j, rerank_rank=j) for j, h in enumerate(order)]
+        return [h.with_(rerank_score=1.0 - j, rerank_rank=j) for j, h in enumerate(order)]
 
     async def generate(self, query, reranked):
         await self._stage("generate")
         w = 1.0 / len(reranked)
-        prov = [SimpleNamespace(pid=h.pid, title=h.title, text=h.text, wikipedia_id=None, source=h.source,
-                                retrieval_score=h.score, rerank_score=h.rerank_score, weight=w) for h in reranked]
+        prov = [h.with_(weight=w) for h in reranked]
         cands = [SimpleNamespace(text="an answer", logprob=-0.5), SimpleNamespace(text="another", logprob=-2.0)]
         return SimpleNamespace(query=query, answer="an answer", candidates=cands, provenance=prov)
 
