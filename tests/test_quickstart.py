@@ -1,41 +1,73 @@
-"""`re2g quickstart` end to end on the tiny sample task, inside the test suite.
+"""`re2g quickstart` end to end on the tiny sample task, inside the test suite, as a user's shell runs it:
+the command in a subprocess (its own local Ray), its terminal (stdout + stderr) captured.
 
 Every stage runs for real (Ray Data passages and embedding, Lucene BM25, DPR / RAG generator /
 reranker / end-to-end training on 2 Ray Train workers with DeepSpeed ZeRO-2, HNSW shards, KILT
 evaluation), with the quickstart's own tiny settings and fewer steps (``FAST``) so the whole run
 stays at a few minutes on 2 cores. Serving is covered by tests/test_serve.py and the web page test.
+
+The same run is the quiet terminal's end-to-end check (``test_the_terminal_shows_re2g_and_no_ray_lines``):
+Ray's own output (Ray core, Ray Data's executor, Train's controller and workers) goes to RUN_DIR/logs/ray.log
+and the terminal keeps re2g's progress and tables (tests/test_quiet_terminal.py has the unit tests).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+RE2G = str(Path(sys.executable).parent / "re2g")
 # fewer steps than `re2g quickstart` (cli.QUICKSTART_TINY); measured on the 2-core machine
 FAST = ["train.dpr.max_steps=120", "train.reranker.max_steps=160", "train.generator.epochs=8",
         "train.e2e.max_steps=100", "train.generator.max_dev_queries=50", "train.e2e.max_dev_queries=50"]
 DEV = 50
+# lines only Ray itself prints (Train's controller and workers, Data's executor, Serve, Ray core)
+RAY_MARKERS = ["PlacementGroupCleaner", "TrainingReport(", "streaming_executor", "logging_progress",
+               "RayTrainWorker", "TrainController", "Checkpoint successfully created", "core_worker.cc",
+               "Token authentication", "RayDeprecationWarning", "Writing model shards", "(pid=",
+               "Starting execution of Dataset", "MMapDirectory"]
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory, ray_local):
-    from re2g.cli import QUICKSTART_TINY
-    from re2g.config import load_config
-    from re2g.eval.report import write_report
-    from re2g.quickstart import run_quickstart
-
+def quickstart(tmp_path_factory):
+    """``re2g quickstart --no-serve`` with ``FAST`` and ``--dev-limit DEV``: the run directory, the run's
+    summary (reports/report.json), the report's files and the terminal."""
     run = tmp_path_factory.mktemp("quickstart") / "run"
-    cfg = load_config(preset="tiny", overrides=[*QUICKSTART_TINY, f"run_dir={run}", "data.sample.size=tiny", *FAST])
-    out = io.StringIO()
-    summary = run_quickstart(cfg, console=Console(file=out, width=160), dev_limit=DEV, test_limit=DEV)
-    files = write_report(summary, run / "reports")
-    return run, summary, files, out.getvalue()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="160")
+    cmd = [RE2G, "quickstart", "--run", str(run), "--size", "tiny", "--no-serve", "--dev-limit", str(DEV),
+           *(a for s in FAST for a in ("--set", s))]
+    # its own session: a run past the timeout is stopped with the processes it started
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=3600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"re2g quickstart still running after an hour:\n{(out + err)[-3000:]}")
+    terminal = out + err
+    assert proc.returncode == 0, terminal[-3000:]
+    reports = run / "reports"
+    files = {"markdown": reports / "report.md", "json": reports / "report.json"}
+    files.update({f.stem: f for f in reports.glob("*.png")})
+    summary = json.loads(files["json"].read_text())
+    return run, summary, files, terminal
+
+
+def _cell(v) -> str:
+    """A before / after value as the stages table prints it."""
+    return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
 def _stage(summary, name):
@@ -55,19 +87,42 @@ def test_every_stage_ran_and_reported(quickstart):
     md = files["markdown"].read_text()
     for name in ("dpr", "generator", "reranker", "e2e"):
         assert f"| {name} |" in md
-    assert json.loads(files["json"].read_text())["stages"] == json.loads(json.dumps(summary["stages"]))
+    # report.json holds the stages the command printed at its end ("what each stage added")
+    table = printed[printed.rindex("what each stage added"):]
+    rows = {}
+    for line in table.splitlines():
+        parts = re.split(r"[│┃|]", line)             # │ stage │ metric │ before │ after │ change │ seconds │
+        if len(parts) == 8:
+            rows[parts[1].strip()] = [c.strip() for c in parts[1:-1]]
+    for s in summary["stages"]:
+        assert rows.get(s["name"], [])[2:4] == [_cell(s.get("before")), _cell(s.get("after"))], (s, table)
+    assert f"report: {files['markdown']}" in printed
     # training curves of every training stage were found
     assert set(summary["training"]) >= {"dpr", "generator", "reranker", "e2e"}
     assert "KILT evaluation" in printed
-    # the terminal: each training stage's progress (from its metrics.jsonl) and none of Ray's own lines
-    import re
-
+    # the terminal: each training stage's progress (from its metrics.jsonl)
     for name in ("dpr", "generator", "reranker", "e2e-distill"):
         assert re.search(rf"^\[{name}\] \d+/\d+ steps  loss=", printed, re.M), name
         assert re.search(rf"^\[{name}\] done: \d+/\d+ steps in ", printed, re.M), name
-    ray_markers = ["PlacementGroupCleaner", "TrainingReport(", "streaming_executor", "logging_progress",
-                   "RayTrainWorker", "(pid="]   # tests/test_quiet_terminal.py checks them in a user's shell
-    assert not [m for m in ray_markers if m in printed]
+
+
+def test_the_terminal_shows_re2g_and_no_ray_lines(quickstart):
+    """The quiet terminal end to end (tests/test_quiet_terminal.py ran ``re2g train dpr`` for it before):
+    a user's shell shows re2g's progress and tables and none of Ray's lines; Ray's lines (Ray core,
+    driver-side Ray Data, Train's workers) are in RUN_DIR/logs/ray.log."""
+    run, _, _, terminal = quickstart
+    log = run / "logs" / "ray.log"
+    assert f"Ray's output goes to {log}" in terminal
+    leaked = [m for m in RAY_MARKERS if m in terminal]
+    assert not leaked, f"Ray's lines on the terminal: {leaked}\n{terminal[-3000:]}"
+    # re2g's own: a stage's progress from metrics.jsonl, its summary and its table
+    assert re.search(r"^\[dpr\] \d+/120 steps  loss=", terminal, re.M), terminal
+    assert re.search(r"^\[dpr\] done: 120/120 steps in ", terminal, re.M), terminal
+    assert "dpr: dev retrieval, before and after training" in terminal
+    text = log.read_text()
+    for marker in ("TrainingReport(", "RayTrainWorker", "streaming_executor", "Starting execution of Dataset",
+                   "Started a local Ray instance"):
+        assert marker in text, marker
 
 
 def test_trained_system_beats_bm25_and_the_untrained_generator(quickstart):
@@ -109,6 +164,10 @@ def test_stage_4_distillation_brings_dpr_to_the_reranker(quickstart):
 
 
 def test_second_run_skips_finished_steps(quickstart, ray_local):
+    import io
+
+    from rich.console import Console
+
     from re2g.config import load_config
     from re2g.quickstart import run_quickstart
 

@@ -1,10 +1,11 @@
 """A quiet terminal: Ray's own output goes to RUN_DIR/logs/ray.log, the terminal keeps re2g's.
 
-The end-to-end check runs ``re2g train dpr`` in a subprocess (its own local Ray, as a user's shell
-would) on the tiny sample with its BM25 index and ready negatives: the passages split again over Ray
-Data, a few DPR steps on 2 Ray Train workers. Its stdout + stderr must hold re2g's progress and
-table and none of Ray's lines; the log must hold them (~60-80 s on the shared 2-core machine). The
-rest are unit tests of ``re2g.progress`` and the log routing (no Ray).
+Unit tests of ``re2g.progress`` and the log routing (no Ray). The end-to-end check rides on the
+quickstart run that tests/test_quickstart.py makes anyway (``re2g quickstart`` in a subprocess, as a
+user's shell runs it: Ray Data, BM25, four Ray Train stages):
+``test_quickstart.py::test_the_terminal_shows_re2g_and_no_ray_lines`` asserts that its stdout + stderr
+hold re2g's progress and tables and none of Ray's lines (``test_quickstart.RAY_MARKERS``), and that
+RUN_DIR/logs/ray.log holds Ray's. (It ran ``re2g train dpr`` on its own before: ~75 s more.)
 """
 
 from __future__ import annotations
@@ -13,79 +14,12 @@ import io
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
-
-# lines only Ray itself prints (Train's controller and workers, Data's executor, Serve, Ray core)
-RAY_MARKERS = ["PlacementGroupCleaner", "TrainingReport(", "streaming_executor", "logging_progress",
-               "RayTrainWorker", "TrainController", "Checkpoint successfully created", "core_worker.cc",
-               "Token authentication", "RayDeprecationWarning", "Writing model shards", "(pid=",
-               "Starting execution of Dataset", "MMapDirectory"]
-
-
-# --------------------------------------------------------------------------- end to end (subprocess)
-
-
-@pytest.mark.slow
-def test_train_dpr_terminal_shows_re2g_and_no_ray_lines(tiny_run_dir, tmp_path):
-    run = tmp_path / "run"
-    for sub in ("sample", "index/bm25"):   # passages/ left out: `re2g train` splits them again on Ray Data
-        shutil.copytree(tiny_run_dir / sub, run / sub)
-    _negatives(run, tiny_run_dir / "passages")
-    sets = [f"run_dir={run}", "data.sample.size=tiny", "train.num_workers=2", "train.cpus_per_worker=0.5",
-            "models.shared_encoder=true", "models.passage_max_length=64", "models.query_max_length=32",
-            "train.dpr.batch_size=8", "train.dpr.max_steps=6", "train.dpr.log_every=2",
-            "train.dpr.max_dev_queries=20", "train.mining.actors=1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "re2g.cli", "train", "dpr", "--preset", "tiny", *(a for s in sets for a in ("--set", s))]
-    t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
-                       cwd=Path(__file__).resolve().parent.parent)
-    seconds = time.time() - t0
-    terminal = p.stdout + p.stderr
-    assert p.returncode == 0, terminal[-3000:]
-    log = run / "logs" / "ray.log"
-    assert f"Ray's output goes to {log}" in terminal
-    leaked = [m for m in RAY_MARKERS if m in terminal]
-    assert not leaked, f"Ray's lines on the terminal: {leaked}\n{terminal[-3000:]}"
-    # re2g's own: the stage's progress from metrics.jsonl, its summary and its table
-    assert "[dpr] 2/6 steps" in terminal and "[dpr] done: 6/6 steps" in terminal, terminal
-    assert "dpr: dev retrieval, before and after training" in terminal
-    # ... and Ray's lines were there, in the log (Ray core, driver-side Ray Data, Train's workers)
-    text = log.read_text()
-    for marker in ("TrainingReport(", "RayTrainWorker", "streaming_executor", "Starting execution of Dataset",
-                   "Started a local Ray instance"):
-        assert marker in text, marker
-    print(f"re2g train dpr: {seconds:.0f} s, {len(terminal.splitlines())} terminal lines, "
-          f"{len(text.splitlines())} log lines")
-
-
-def _negatives(run: Path, passages: Path) -> None:
-    """RUN/train/negatives.jsonl without mining (the terminal is under test here, not BM25): random
-    passages that are not the query's positives."""
-    import random
-
-    from re2g.config import load_config
-    from re2g.data.sample import task_file
-    from re2g.train.api import _locator
-    from re2g.train.data import load_queries, write_records
-    from re2g.train.stages import passage_lookup
-
-    pids = sorted(passage_lookup(str(passages)))
-    train = run / "sample" / task_file(load_config(preset="tiny").train.task, "train")
-    records, _ = load_queries(str(train), _locator(str(passages)))
-    rng = random.Random(0)
-    for r in records:
-        r.negatives = [p for p in rng.sample(pids, 12) if p not in r.positives][:8]
-    write_records(run / "train" / "negatives.jsonl", records)
 
 
 # --------------------------------------------------------------------------- progress (no Ray)
