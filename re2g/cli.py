@@ -1,6 +1,8 @@
 """`re2g`: the command line front door. Each command is a thin call into the library.
 
 Heavy imports (torch, ray, transformers) happen inside commands, so `re2g --help` is fast.
+Why one module of ~560 lines: it is the declaration of every command's options (Typer), each a
+thin call into the library; splitting the declarations would scatter the front door's help.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ A config is YAML in, validated by pydantic, and saved beside every artifact it m
 ``load_config(path, preset=..., overrides=[...])`` merges preset, file and ``a.b=value`` overrides
 in that order; a bad value raises :class:`re2g.errors.ConfigError` naming the file, the field,
 the value and what was expected.
+
+Why one module of ~700 lines: it is the config's schema, one pydantic class per section with the
+help text of every field; the sections refer to each other (presets, cross-field checks) and users
+read it as the reference of every setting, so it stays in one place.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 stopping cleanly on Ctrl-C and SIGTERM (:func:`clean_stops`).
 
 Library functions never call these on their own; they take what they need as arguments.
+~690 lines: the Ray connection, the routing of Ray's output to RUN_DIR/logs/ray.log and the clean
+stops depend on each other's state (the log file, the handlers put back after ``ray.init``); the
+clean-stop part could move to a module of its own (a to-do, not done yet).
 """
 
 from __future__ import annotations
