@@ -109,9 +109,9 @@ def connect_ray(cfg: RayConfig | None = None, *, log_dir: str | Path | None = No
         # the workers' lines come to this process and go to the log (without the hook: Ray's session logs)
         kwargs["log_to_driver"] = _worker_stream_handler() is not None
     if address:
-        ray.init(address=address, **kwargs)
+        init_ray(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
+        init_ray(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **kwargs)
     if not verbose:
         _route_worker_output()
         _route_raylet_errors()
@@ -119,6 +119,26 @@ def connect_ray(cfg: RayConfig | None = None, *, log_dir: str | Path | None = No
         _route_ray_loggers()
     _keep_signals()   # ray.init took SIGTERM (Python's handler, then its C++ core's); clean_stops keeps both
     return ray
+
+
+def init_ray(**kwargs):
+    """``ray.init(**kwargs)`` that leaves an in-process JVM's signal handlers in place.
+
+    ``ray.init`` turns Python's ``faulthandler`` on when it is off. Installed over the handlers of a JVM
+    already running in this process (pyserini's Lucene through pyjnius), its SIGSEGV handler catches
+    the JVM's own SIGSEGVs (implicit null checks in compiled Java code) and re-raises them, which the
+    JVM then takes for a crash: "SIGSEGV (sent by kill)", an ``hs_err_pid*.log`` and exit 134 minutes
+    later, in the middle of a BM25 search. Turning ``faulthandler`` off again restores the JVM's
+    handlers. (A JVM started after ``ray.init`` installs its handlers on top, which is fine.)"""
+    import faulthandler
+
+    import ray
+
+    was_on = faulthandler.is_enabled()
+    ray.init(**kwargs)
+    jnius_config = sys.modules.get("jnius_config")
+    if not was_on and faulthandler.is_enabled() and getattr(jnius_config, "vm_running", False):
+        faulthandler.disable()
 
 
 # --------------------------------------------------------------------------- quiet: Ray to a file

@@ -34,8 +34,10 @@ def ray_local():
     """A local Ray with 2 CPUs, started once for the whole test session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    from re2g.runtime import init_ray
+
+    if not ray.is_initialized():   # init_ray: keeps the JVM's signal handlers when a test started Lucene first
+        init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, namespace="re2g-tests")
     yield ray
     ray.shutdown()

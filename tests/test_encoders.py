@@ -130,7 +130,9 @@ def test_settings_are_saved_and_part_of_the_fingerprint(bert_dir, tmp_path):
     mean.save_pretrained(tmp_path / "be")
     back = BiEncoder.from_pretrained(tmp_path / "be")
     assert back.settings == mean.settings and back.fingerprint() == mean.fingerprint()
-    meta = json.loads((tmp_path / "be" / "re2g_model.json").read_text())
+    from re2g.models.fingerprint import read_model_meta
+
+    meta = read_model_meta(tmp_path / "be")
     assert meta["encoder_settings"]["pooling"] == "mean" and meta["fingerprint"] == mean.fingerprint()
     torch.testing.assert_close(torch.from_numpy(back.embed_queries(QUERIES)),
                                torch.from_numpy(mean.embed_queries(QUERIES)))

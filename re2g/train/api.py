@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from re2g.artifacts import staged_dir, write_text_atomic
 from re2g.config import Re2GConfig, StageTrainConfig, save_config
 from re2g.errors import ArtifactError
 from re2g.layout import RunLayout, join
@@ -321,16 +322,19 @@ def run_stage(cfg: Re2GConfig, stage, plan, stage_cfg: StageTrainConfig, inputs:
     if run.checkpoint_dir is None or not Path(run.checkpoint_dir, "model").exists():
         raise ArtifactError(f"{stage.name}: the run ended without a checkpoint ({run.storage})")
     model_dir = Path(RunLayout(cfg.run_dir).model(stage.name))
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    shutil.copytree(Path(run.checkpoint_dir, "model"), model_dir)
-    after_metrics = _eval_module(stage, stage.load(model_dir))
+    checkpoint_model = Path(run.checkpoint_dir, "model")
+    after_metrics = _eval_module(stage, stage.load(checkpoint_model))
     after = _split_systems(stage.name, after_metrics)
     result = StageResult(stage.name, str(model_dir), before, after, run, data_info or {})
     payload = json.dumps(result.to_dict(), indent=2, default=str)
-    for d in (out_dir, model_dir, Path(run.checkpoint_dir)):
-        Path(d, "eval.json").write_text(payload)
-    save_config(cfg, model_dir)
+    # the model directory is built aside (model, eval.json, config) and renamed into place: a crash
+    # never leaves a half-copied model directory that loads
+    with staged_dir(model_dir, overwrite=True) as staging:
+        shutil.copytree(checkpoint_model, staging.path, dirs_exist_ok=True)
+        Path(staging.path, "eval.json").write_text(payload)
+        save_config(cfg, staging.path)
+    for d in (out_dir, Path(run.checkpoint_dir)):
+        write_text_atomic(Path(d, "eval.json"), payload)
     return result
 
 
