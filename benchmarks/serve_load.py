@@ -259,18 +259,15 @@ def stage_profile(run: Path, cfg, queries: list[str], batch: int) -> dict:
     pipe = Re2GPipeline.from_run_dir(run, cfg, device="cpu")
     qs = (queries * (batch // max(1, len(queries)) + 1))[:batch]
     t = _Timers()
-    r = pipe.retriever
-    dense, bm25 = getattr(r, "dense", None), getattr(r, "bm25", None)
-    if dense is None and bm25 is None:                       # a lone retriever
-        dense, bm25 = (r, None) if hasattr(r, "query_encoder") else (None, r)
+    dense, bm25 = pipe.retriever.dense, pipe.retriever.bm25   # the stage's parts (either may be None)
     if dense is not None:
         t.wrap(dense.query_encoder, "embed_queries", "retrieve: query encoder (tokenize + forward)")
         t.wrap(dense.index, "search_vectors", "retrieve: faiss search + passage lookup")
     if bm25 is not None:
         t.wrap(bm25, "batch_search", "retrieve: BM25 (Lucene + hits)")
-    t.wrap(pipe.reranker, "tokenize", "rerank: tokenize pairs (+ exact-match types)")
-    t.wrap(pipe.reranker.model, "forward", "rerank: cross-encoder forward")
-    g = pipe.generator
+    t.wrap(pipe.reranker.model, "tokenize", "rerank: tokenize pairs (+ exact-match types)")
+    t.wrap(pipe.reranker.model.model, "forward", "rerank: cross-encoder forward")
+    g = pipe.generator.model
     t.wrap(g, "tokenize_sources", "generate: tokenize sources")
     t.wrap(g, "tokenize_targets", "generate: tokenize candidates")
     for name, label in (("encode_sources", "generate: encoder (incl. tokenize sources)"),
