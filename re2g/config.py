@@ -144,6 +144,9 @@ class TinyModelConfig(_Strict):
     generator_copy: bool = Field(True, description="tiny generator: a pointer-generator BART that can copy tokens of "
                                  "its source (re2g.models.pointer); the plain 64-d BART memorized training answers "
                                  "instead of reading them (gold passage given: dev EM 0.16 vs 0.62 after 400-600 steps)")
+    generator_arch: Literal["bart", "llama"] = Field(
+        "bart", description="tiny generator: bart (seq2seq, see generator_copy) or llama (a decoder-only causal LM "
+        "from LlamaConfig, read through re2g.models.causal.CausalGenerator)")
 
     @model_validator(mode="after")
     def _heads(self) -> "TinyModelConfig":
@@ -162,7 +165,17 @@ class ModelsConfig(_Strict):
                                   "checkpoint in query_encoder: that one encoder serves both sides")
     reranker: Location = Field(None, description="cross-encoder: any *ForSequenceClassification checkpoint, or a "
                                "plain encoder that gets a new one-logit head (name or path)")
-    generator: Location = Field(None, description="BART seq2seq generator (name or path)")
+    generator: Location = Field(None, description="generator (name or path): a seq2seq LM (BART, T5) or a "
+                                "decoder-only causal LM (Llama, Qwen, Gemma, GPT-2...)")
+    generator_kind: Literal["auto", "seq2seq", "causal"] = Field(
+        "auto", description="which generator class reads models.generator: auto (the saved re2g_model.json kind, "
+        "else the checkpoint's config.is_encoder_decoder), seq2seq or causal")
+    generator_prompt_template: str | None = Field(
+        None, description="causal generator: the prompt for one (query, passage) over {title}, {text}, {query} "
+        "(None: the checkpoint's saved one, else re2g.models.causal.DEFAULT_PROMPT_TEMPLATE)")
+    generator_chat_template: bool | None = Field(
+        None, description="causal generator: wrap the prompt as a user turn of the tokenizer's chat template "
+        "(None: the checkpoint's saved setting, else false; true needs a tokenizer with a chat template)")
     shared_encoder: bool = Field(False, description="one encoder for queries and passages instead of two")
     pooling: Literal["cls", "mean", "pooler"] | None = Field(
         None, description="how the bi-encoder's token states become a vector; unset: the checkpoint's "
