@@ -82,6 +82,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("reranker", "saved reranker", "re2g_model.json", _MODEL_REBUILD),
     Kind("generator", "saved generator", "re2g_model.json", _MODEL_REBUILD),
     Kind("sample", "sample task", "sample.json", "re2g sample {dir} --overwrite", ("config", "summary", "files")),
+    Kind("passage-store", "passage store", "_store.json",
+         "rm -r {dir} (the next process that opens the passages builds it again)",
+         ("counts.passages", "counts.rows", "fingerprints.passages", "sizes")),
 )}
 MODEL_KINDS = ("biencoder", "reranker", "generator")
 #: every manifest file name: the files that say "this artifact is complete"
@@ -263,6 +266,7 @@ def _legacy_sample(raw: dict) -> dict | None:
 LEGACY: dict[str, Callable[[dict], dict | None]] = {
     "_manifest.json": _legacy_passages, "_embeddings.json": _legacy_embeddings, "manifest.json": _legacy_dense,
     "re2g_bm25.json": _legacy_bm25, "re2g_model.json": _legacy_model, "sample.json": _legacy_sample,
+    "_store.json": lambda raw: None,  # the passage store had no version 1
 }
 
 
