@@ -30,6 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_STEP = "1/13 sample knowledge task"
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")   # colours, cursor moves, titles
 CRASHES = ("Traceback", "Segmentation fault", "KeyboardInterrupt", "Aborted", "SIGTERM received", "core dumped")
+# seconds from the signal to the exit that count as a hang, not as a slow stop: a stop takes ~5-15 s here
+# (stopping the local Ray), over 25 s when other tests load the 2 cores; a command whose signal handling
+# is broken never exits at all (the test waits this long, then kills it)
+HANG_S = 90
 
 
 def _env() -> dict:
@@ -171,10 +175,11 @@ def stopped(tmp_path_factory) -> dict:
             time.sleep(0.05)
         for name, (proc, _) in started.items():
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=max(1.0, results[name]["t0"] + HANG_S - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                raise AssertionError(f"{name}: still running 60 s after the signal:\n{outs[name].text[-3000:]}")
+                raise AssertionError(f"{name}: still running {HANG_S} s after the signal (a hang):\n"
+                                     f"{outs[name].text[-3000:]}")
             results[name]["seconds"] = time.monotonic() - results[name]["t0"]
             results[name]["rc"] = proc.returncode
         for name in started:
@@ -200,7 +205,7 @@ def _check(result: dict, code: int, line: str) -> None:
     assert line in terminal, terminal[-3000:]
     crashed = [c for c in CRASHES if c in terminal]
     assert not crashed, f"{crashed} on the terminal:\n{terminal[-3000:]}"
-    assert result["seconds"] < 25, f"{result['seconds']:.1f} s to stop"
+    assert result["seconds"] < HANG_S, f"{result['seconds']:.1f} s to stop (a hang)"
     assert result["procs"], "no Ray processes were running under the command"
     assert not result["left"], f"still running after the stop: {result['left']}"
     # the step it stopped in left no marker, and no half-written sample that could pass for a finished one
