@@ -14,7 +14,7 @@ VENV=.venv
 STAMP=$VENV/.re2g-setup-stamp
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then CUDA=1; else CUDA=0; fi
-EXTRAS="dev,train,bm25"
+EXTRAS="dev,train,bm25,reader"
 if [ "$CUDA" = 1 ]; then EXTRAS="$EXTRAS,gpu"; else EXTRAS="$EXTRAS,cpu"; fi
 
 # DeepSpeed builds its CPU communication op (shm_comm) the first time a training run starts on a
