@@ -1,7 +1,8 @@
 """The one artifact layer: atomic writes and one manifest schema for every artifact re2g writes.
 
 **Atomic writes.** A file is written under a temporary sibling name and renamed into place
-(:func:`write_bytes_atomic`, :func:`write_text_atomic`, :func:`write_json_atomic`). A directory is
+(:func:`write_bytes_atomic`, :func:`write_text_atomic`, :func:`write_json_atomic`; :func:`open_atomic`
+to stream a large file). A directory is
 built under a temporary sibling name (``.NAME.tmp-PID-XXXXXXXX``) and renamed into place when the
 build succeeds (:func:`staged_dir`); an existing directory is first renamed aside
 (``.NAME.old-PID-XXXXXXXX``) and removed after (:func:`replace_dir`). A process killed mid-build
@@ -306,6 +307,41 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> str:
             os.unlink(tmp)
         raise
     return str(path)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | Path) -> Iterator[Any]:
+    """A binary file to stream into, that appears at ``path`` (a path or URI) whole or not at all.
+
+    The block writes a temporary sibling (compressed by the suffix of ``path``: ``.gz``, ``.bz2``…);
+    when it ends without error the file is flushed to disk (local) and renamed into place, otherwise
+    it is removed and the error goes on. For one whole ``bytes`` value use :func:`write_bytes_atomic`."""
+    from fsspec.core import url_to_fs
+    from fsspec.utils import infer_compression
+
+    fs, p = url_to_fs(str(path))
+    parent, _, name = p.rpartition("/")
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/{_temp_name(name)}" if parent else _temp_name(name)
+    local = _is_local_fs(fs)
+    try:
+        with fs.open(tmp, "wb", compression=infer_compression(str(path))) as f:
+            yield f
+        if local:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, p)
+        else:
+            fs.mv(tmp, p)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> str:

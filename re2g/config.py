@@ -689,9 +689,9 @@ def save_config(cfg: BaseModel, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     out = d / CONFIG_FILENAME
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    tmp.replace(out)
+    from re2g.artifacts import write_text_atomic
+
+    write_text_atomic(out, config_to_yaml(cfg))
     return out
 
 

@@ -14,10 +14,8 @@ Unknown keys are kept in ``extra`` so reading and writing a KILT file loses noth
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -384,25 +382,12 @@ def iter_jsonl_rows(path: str, parse: Callable[[Any, str, int], T], *,
         log.warning("%s", report.summary())
 
 
-@contextlib.contextmanager
 def atomic_write(path: str):
-    """Yield a binary file: a temporary sibling of ``path``, renamed to ``path`` when the block
-    ends without error and removed otherwise. Compression follows the suffix of ``path``."""
-    path = str(path)
-    fs, p = url_to_fs(path)
-    parent, _, name = p.rpartition("/")
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if parent else f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    try:
-        with fs.open(tmp, "wb", compression=infer_compression(path)) as f:
-            yield f
-        fs.mv(tmp, p)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        raise
+    """A binary file that appears at ``path`` whole or not at all (:func:`re2g.artifacts.open_atomic`:
+    a temporary sibling renamed when the block ends without error). Compression follows the suffix."""
+    from re2g.artifacts import open_atomic
+
+    return open_atomic(path)
 
 
 def write_jsonl(path: str, rows: Iterable[Mapping]) -> int:

@@ -81,16 +81,14 @@ def load_queries(kilt_path: str, locator, *, threshold: float = 0.75,
 
 
 def write_records(path: str | Path, records: Iterable[QueryRecord]) -> int:
-    """Write records as jsonl (atomically: temporary file, then rename). Returns the count."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
+    """Write records as jsonl, whole or not at all (:func:`re2g.artifacts.open_atomic`). Returns the count."""
+    from re2g.artifacts import open_atomic
+
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_atomic(path) as f:
         for r in records:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+            f.write((json.dumps(r.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
             n += 1
-    tmp.replace(p)
     return n
 
 
