@@ -236,11 +236,13 @@ def load_reranker(pieces: RunPieces, cfg: Re2GConfig, device: str = "cpu") -> Re
 def load_generator(pieces: RunPieces, cfg: Re2GConfig, device: str = "cpu") -> Generator:
     """The :class:`re2g.stages.Generator` of a run: the generator in eval mode with the config's lengths
     and separators, vocabulary checked, decoding as ``cfg.generation`` says."""
-    from re2g.models.generator import Generator as GeneratorModel
+    from re2g.models.causal import load_any_generator
 
     m, g = cfg.models, cfg.generation
-    model = GeneratorModel.from_pretrained(pieces.generator, source_max_length=m.generator_source_max_length,
-                                           target_max_length=m.generator_target_max_length,
-                                           title_sep=g.title_sep, query_sep=g.query_sep)
+    model = load_any_generator(pieces.generator, kind=m.generator_kind,   # seq2seq or causal LM
+                               source_max_length=m.generator_source_max_length,
+                               target_max_length=m.generator_target_max_length, title_sep=g.title_sep,
+                               query_sep=g.query_sep, prompt_template=m.generator_prompt_template,
+                               chat_template=m.generator_chat_template)
     check_vocab(model.tokenizer, model.model, f"generator {pieces.generator}")
     return Generator(model.to(device).eval(), g)

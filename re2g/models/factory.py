@@ -1,9 +1,9 @@
 """Building and loading the models from a :class:`re2g.config.ModelsConfig`.
 
 A name or path in the config goes to the model's ``from_pretrained``; ``None`` builds a tiny model
-from ``ModelsConfig.tiny`` (DPRConfig / BertConfig / BartConfig) around a locally trained tokenizer:
-WordPiece for the bi-encoder and reranker, byte-level BPE for the generator. The vocabulary size and
-the special token ids come from the tokenizer. Initialization draws from torch's global RNG, so
+from ``ModelsConfig.tiny`` (DPRConfig / BertConfig / BartConfig, or LlamaConfig for a causal-LM reader)
+around a locally trained tokenizer: WordPiece for the bi-encoder and reranker, byte-level BPE for the
+generator. The vocabulary size and the special token ids come from the tokenizer. Initialization draws from torch's global RNG, so
 ``torch.manual_seed(s)`` before a build gives the same weights every time.
 """
 
@@ -17,6 +17,7 @@ from re2g.errors import ConfigError
 from re2g.models.encoders import (DEFAULT_PASSAGE_MAX_LENGTH, DEFAULT_QUERY_MAX_LENGTH, BiEncoder,
                                   load_tokenizer, looks_local)
 from re2g.models.fingerprint import read_model_meta
+from re2g.models.causal import CausalGenerator, load_any_generator
 from re2g.models.generator import DEFAULT_SOURCE_MAX_LENGTH, DEFAULT_TARGET_MAX_LENGTH, Generator
 from re2g.models.reranker import DEFAULT_RERANKER_MAX_LENGTH, CrossEncoder
 
@@ -68,11 +69,19 @@ def build_tiny_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
     BPE tokenizer; pad/bos/eos from the tokenizer, decoder start = eos as in BART. With
     ``tiny_cfg.generator_copy`` a pointer-generator BART (:mod:`re2g.models.pointer`). Targets are
     tokenized with a leading space (``target_prefix``), as the answer's words occur inside passages.
-    ``source_format``: ``title_sep`` / ``query_sep`` for :class:`Generator`."""
+    ``source_format``: ``title_sep`` / ``query_sep`` for :class:`Generator`.
+
+    ``tiny_cfg.generator_arch == "llama"``: a decoder-only LM instead (:func:`build_tiny_causal_generator`;
+    ``source_format`` then takes its ``prompt_template`` / ``chat_template``, seq2seq separators are dropped)."""
     from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
 
     from re2g.models.pointer import PointerBartConfig, PointerBartForConditionalGeneration
 
+    if tiny_cfg.generator_arch == "llama":
+        keep = {k: v for k, v in source_format.items() if k in ("prompt_template", "chat_template")}
+        return build_tiny_causal_generator(bpe_tokenizer_dir, tiny_cfg, source_max_length=source_max_length,
+                                           target_max_length=target_max_length, **keep)
+    source_format = {k: v for k, v in source_format.items() if k in ("title_sep", "query_sep")}
     tok = load_tokenizer(bpe_tokenizer_dir, "BPE tokenizer")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if getattr(tok, name) is None:
@@ -92,6 +101,33 @@ def build_tiny_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
     model.generation_config = GenerationConfig(forced_eos_token_id=tok.eos_token_id, **ids)
     return Generator(model, tok, source_max_length=source_max_length, target_max_length=target_max_length,
                      target_prefix=" ", **source_format)
+
+
+def build_tiny_causal_generator(bpe_tokenizer_dir: Any, tiny_cfg: TinyModelConfig, *,
+                                source_max_length: int = DEFAULT_SOURCE_MAX_LENGTH,
+                                target_max_length: int = DEFAULT_TARGET_MAX_LENGTH, prompt_template: str | None = None,
+                                chat_template: bool | None = None) -> CausalGenerator:
+    """A Llama-style decoder-only LM (``LlamaForCausalLM``: RoPE, RMSNorm, SwiGLU; input and output
+    embeddings tied) of ``tiny_cfg`` sizes over the byte-level BPE tokenizer, as a
+    :class:`CausalGenerator` (targets with a leading space, prompts from ``prompt_template``). With the
+    default sizes and a 4,000-token vocabulary: about 340k parameters."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(bpe_tokenizer_dir, "BPE tokenizer")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(tok, name) is None:
+            raise ConfigError(f"the generator's tokenizer has no {name[:-9]} token (expected <s> <pad> </s>)")
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=tiny_cfg.hidden_size,
+                         intermediate_size=tiny_cfg.intermediate_size, num_hidden_layers=tiny_cfg.num_layers,
+                         num_attention_heads=tiny_cfg.num_heads, num_key_value_heads=tiny_cfg.num_heads,
+                         max_position_embeddings=tiny_cfg.max_position_embeddings,
+                         attention_dropout=tiny_cfg.dropout, tie_word_embeddings=True, **ids)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(**ids)
+    return CausalGenerator(model, tok, prompt_template=prompt_template, chat_template=bool(chat_template),
+                           source_max_length=source_max_length, target_max_length=target_max_length,
+                           target_prefix=" ")
 
 
 # --------------------------------------------------------------------------- from a ModelsConfig
@@ -173,13 +209,22 @@ def load_reranker(models_cfg: ModelsConfig, tokenizer_dir: Any = None) -> CrossE
     return CrossEncoder.from_pretrained(models_cfg.reranker, max_length=models_cfg.reranker_max_length)
 
 
-def load_generator(models_cfg: ModelsConfig, bpe_tokenizer_dir: Any = None) -> Generator:
-    """``models.generator`` loaded, or (None) a tiny BART over the byte-level BPE ``bpe_tokenizer_dir``."""
+def load_generator(models_cfg: ModelsConfig, bpe_tokenizer_dir: Any = None) -> Generator | CausalGenerator:
+    """``models.generator`` loaded, or (None) a tiny one over the byte-level BPE ``bpe_tokenizer_dir``
+    (BART, or a causal LM with ``models.tiny.generator_arch: llama``). The class follows
+    ``models.generator_kind`` (auto: the checkpoint's, :func:`re2g.models.causal.load_any_generator`);
+    a causal generator gets ``models.generator_prompt_template`` / ``generator_chat_template`` when set."""
     lengths = dict(source_max_length=models_cfg.generator_source_max_length,
                    target_max_length=models_cfg.generator_target_max_length)
+    prompt = dict(prompt_template=models_cfg.generator_prompt_template,
+                  chat_template=models_cfg.generator_chat_template)
     if models_cfg.generator is None:
         if bpe_tokenizer_dir is None:
             raise ConfigError("models.generator is not set: building a tiny generator needs a byte-level "
                               "BPE tokenizer directory")
-        return build_tiny_generator(bpe_tokenizer_dir, models_cfg.tiny, **lengths)
-    return Generator.from_pretrained(models_cfg.generator, **lengths)
+        built = "causal" if models_cfg.tiny.generator_arch == "llama" else "seq2seq"
+        if models_cfg.generator_kind not in ("auto", built):
+            raise ConfigError(f"models.generator_kind is {models_cfg.generator_kind} but models.tiny.generator_arch "
+                              f"{models_cfg.tiny.generator_arch} builds a {built} generator")
+        return build_tiny_generator(bpe_tokenizer_dir, models_cfg.tiny, **lengths, **prompt)
+    return load_any_generator(models_cfg.generator, kind=models_cfg.generator_kind, **lengths, **prompt)

@@ -40,6 +40,7 @@ DEFAULT_TITLE_SEP = " / "
 DEFAULT_QUERY_SEP = " // "
 DEFAULT_SOURCE_MAX_LENGTH = 256
 DEFAULT_TARGET_MAX_LENGTH = 32
+SEQ2SEQ_SETTINGS = ("title_sep", "query_sep", "source_max_length", "target_max_length", "target_prefix")
 REPLACEMENT_CHAR = "\ufffd"     # what a tokenizer's decoder puts where bytes are not whole UTF-8 characters
 _SPACES = re.compile(r"[ \t]{2,}")
 
@@ -68,6 +69,8 @@ def decode_texts(tokenizer, batch: Sequence[Sequence[int]] | torch.Tensor) -> li
 
 class Generator(torch.nn.Module):
     """``BartForConditionalGeneration`` (or any HF seq2seq LM) + tokenizer + the source format."""
+
+    kind = "seq2seq"
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, title_sep: str = DEFAULT_TITLE_SEP,
                  query_sep: str = DEFAULT_QUERY_SEP, source_max_length: int = DEFAULT_SOURCE_MAX_LENGTH,
@@ -178,16 +181,22 @@ class Generator(torch.nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(d)
         self.tokenizer.save_pretrained(d)
-        write_model_meta(d, {"kind": "generator", "title_sep": self.title_sep, "query_sep": self.query_sep,
+        write_model_meta(d, {"kind": "generator", "generator_kind": "seq2seq", "title_sep": self.title_sep, "query_sep": self.query_sep,
                              "source_max_length": self.source_max_length,
                              "target_max_length": self.target_max_length, "target_prefix": self.target_prefix})
         return d
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: Any = None, **overrides) -> "Generator":
+    def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: Any = None, _dispatch: bool = True,
+                        **overrides):
         """Load from a hub name (``facebook/bart-large``) or a local directory; ``overrides``
         (title_sep, query_sep, source_max_length, target_max_length, target_prefix) win over the saved
-        values (a directory saved before ``target_prefix`` existed: no prefix)."""
+        values (a directory saved before ``target_prefix`` existed: no prefix).
+
+        A causal-LM checkpoint (a saved ``generator_kind: causal``, or a config that is not
+        encoder-decoder) is handed to :func:`re2g.models.causal.load_any_generator`, which returns a
+        :class:`~re2g.models.causal.CausalGenerator` (the seq2seq-only overrides are dropped): every
+        loader of a generator directory reads either kind."""
         from transformers import AutoModelForSeq2SeqLM
 
         import re2g.models.pointer  # noqa: F401  (registers the pointer-generator BART with the Auto classes)
@@ -196,14 +205,18 @@ class Generator(torch.nn.Module):
         meta = read_model_meta(src) if Path(src).is_dir() else None
         if meta is not None and meta.get("kind") != "generator":
             raise ArtifactError(f"{src}: a saved {meta.get('kind')!r}, not a generator")
+        if _dispatch and cls is Generator:
+            from re2g.models.causal import checkpoint_kind, load_any_generator
+
+            if checkpoint_kind(src) == "causal":
+                return load_any_generator(src, kind="causal", tokenizer=tokenizer, **overrides)
         try:
             with quiet_transformers():  # no "Loading weights" bar per load
                 model = AutoModelForSeq2SeqLM.from_pretrained(src)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{src}: cannot load the generator: {e}") from None
         tok = load_tokenizer(tokenizer if tokenizer is not None else src, "generator tokenizer")
-        keys = ("title_sep", "query_sep", "source_max_length", "target_max_length", "target_prefix")
-        kwargs = {k: meta[k] for k in keys if meta and k in meta}
+        kwargs = {k: meta[k] for k in SEQ2SEQ_SETTINGS if meta and k in meta}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model, tok, **kwargs)
 

@@ -1,0 +1,235 @@
+"""The decoder-only (causal LM) generator: re2g.models.causal.CausalGenerator on a tiny Llama built from
+config over the project's byte-level BPE tokenizer (re2g.data.tokenizers.train_bpe).
+
+Numbers are compared in float64 against hand loops that call the model on every prompt + target prefix
+separately (no padding, no cache)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from re2g.config import ModelsConfig, TinyModelConfig
+from re2g.errors import ArtifactError, ConfigError
+from re2g.models.causal import DEFAULT_PROMPT_TEMPLATE, CausalGenerator, checkpoint_kind, load_any_generator
+from re2g.models.factory import build_tiny_generator, load_generator
+from re2g.models.generator import Generator
+from re2g.models.marginalize import marginal_nll
+
+TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=400,
+                       max_position_embeddings=256, generator_arch="llama")
+SENTENCES = [f"the city of town{i} lies on the river{i % 7} and was founded in {1200 + 7 * i} by king{i % 5}"
+             for i in range(40)] + ["Title: Passage: Question: Answer:", "who founded the city",
+                                    "which river flows through the town", "when was it founded"]
+QUERIES = ["who founded town3", "which river flows through town12"]
+DOCS = [[("Town3", "the city of town3 lies on the river3 and was founded by king3"), ("", "a passage without a title")],
+        [("Town12", "town12 was founded in 1284 by king2"), ("River5", "the river5 flows through town12")]]
+TARGETS = ["king3", "the river5 through the town"]
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    from re2g.data.tokenizers import train_bpe
+
+    return train_bpe(SENTENCES, tmp_path_factory.mktemp("bpe"), vocab_size=400)
+
+
+def _causal(bpe_dir, seed=0, **kw) -> CausalGenerator:
+    torch.manual_seed(seed)
+    g = build_tiny_generator(bpe_dir, TINY, **kw)
+    with torch.no_grad():   # untrained weights are near-uniform: spread them so positions matter
+        for p in g.model.parameters():
+            p.mul_(3.0)
+    return g.eval()
+
+
+@pytest.fixture(scope="module")
+def causal(bpe_dir):
+    return _causal(bpe_dir).double()
+
+
+def _hand_logprobs(g: CausalGenerator, queries, docs, targets) -> torch.Tensor:
+    """log p(y_t | prompt_j, y_<t) by calling the model on each unpadded prompt + target prefix: (B, n_docs, T)."""
+    rows = [g.target_ids(t) for t in targets]
+    T = max(map(len, rows))
+    out = torch.zeros(len(queries), len(docs[0]), T, dtype=torch.float64)
+    with torch.no_grad():
+        for b, q in enumerate(queries):
+            for j, d in enumerate(docs[b]):
+                prompt = g.prompt_ids(q, d)
+                for t, y in enumerate(rows[b]):
+                    ids = torch.tensor([prompt + rows[b][:t]])
+                    logits = g.model(input_ids=ids).logits[0, -1].double()
+                    out[b, j, t] = torch.log_softmax(logits, -1)[y]
+    return out
+
+
+def test_tiny_causal_lm_from_config(bpe_dir):
+    g = _causal(bpe_dir)
+    assert isinstance(g, CausalGenerator) and g.kind == "causal" and g.copy_kwargs(torch.zeros(1)) == {}
+    assert type(g.model).__name__ == "LlamaForCausalLM"
+    n = sum(p.numel() for p in g.model.parameters())
+    assert 10_000 < n < 1_000_000
+    assert g.model.get_input_embeddings().weight.shape[0] == len(g.tokenizer)
+    # the default config (64-d, 4000 tokens) is "a few hundred thousand parameters"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = TinyModelConfig()
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=d.vocab_size, hidden_size=d.hidden_size, num_hidden_layers=d.num_layers,
+                                       num_attention_heads=d.num_heads, intermediate_size=d.intermediate_size,
+                                       tie_word_embeddings=True))
+    assert 200_000 < sum(p.numel() for p in big.parameters()) < 600_000
+    assert TinyModelConfig().generator_arch == "bart" and ModelsConfig().generator_kind == "auto"
+
+
+def test_prompt_and_target_format(bpe_dir):
+    g = _causal(bpe_dir)
+    assert g.prompt_template == DEFAULT_PROMPT_TEMPLATE
+    assert g.build_source("who?", ("T", "text")) == "Title: T\nPassage: text\nQuestion: who?\nAnswer:"
+    ids = g.prompt_ids("who?", ("T", "text"))
+    assert ids[0] == g.tokenizer.bos_token_id and g.eos_id not in ids
+    t = g.tokenize_targets(["king3", "the river5 flows"])
+    assert t["input_ids"][0, int(t["attention_mask"][0].sum()) - 1] == g.eos_id       # EOS ends every target
+    assert t["attention_mask"][0, -1] == 0 and t["attention_mask"][1].all()         # right padding
+    assert g.tokenizer.decode(g.target_ids("king3")[:-1]) == " king3"              # the target prefix
+    assert len(g.target_ids("the river5 " * 50, max_length=5)) == 5
+    with pytest.raises(ConfigError, match="unknown field"):
+        CausalGenerator(g.model, g.tokenizer, prompt_template="{passage} {query}")
+    with pytest.raises(ConfigError, match="no {query}"):
+        CausalGenerator(g.model, g.tokenizer, prompt_template="{title} {text}")
+    with pytest.raises(ConfigError, match="chat template"):
+        CausalGenerator(g.model, g.tokenizer, chat_template=True)
+
+
+def test_long_prompts_lose_passage_text_only(bpe_dir):
+    g = _causal(bpe_dir, source_max_length=40)
+    text = " ".join(f"town{i} lies on the river{i % 7}" for i in range(30))
+    ids = g.prompt_ids("who founded town3", ("Town3", text))
+    assert len(ids) <= 40
+    decoded = g.tokenizer.decode(ids, skip_special_tokens=True)
+    assert decoded.startswith("Title: Town3\nPassage: town0 lies")
+    assert decoded.endswith("\nQuestion: who founded town3\nAnswer:")
+    assert len(decoded) < len(g.build_source("who founded town3", ("Town3", text)))
+    short = g.prompt_ids("q", ("T", "short"))
+    assert g.tokenizer.decode(short, skip_special_tokens=True) == g.build_source("q", ("T", "short"))
+
+
+def test_chat_template_wraps_the_prompt(bpe_dir):
+    g = _causal(bpe_dir)
+    g.tokenizer.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}bot:"
+    try:
+        c = CausalGenerator(g.model, g.tokenizer, chat_template=True)
+        assert c.build_source("q", ("T", "x")) == "<s>user: Title: T\nPassage: x\nQuestion: q\nAnswer:\nbot:"
+        ids = c.prompt_ids("q", ("T", "x"))
+        assert ids[0] == g.tokenizer.bos_token_id and ids.count(g.tokenizer.bos_token_id) == 1  # no second BOS
+    finally:
+        g.tokenizer.chat_template = None
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_forward_logprobs_equal_a_hand_loop_over_passages_and_positions(causal, padding_side):
+    enc = causal.tokenize_targets(TARGETS)
+    mask = enc["attention_mask"].bool()                                          # (B, T)
+    assert not mask.all(), "targets of different lengths leave padding"
+    with torch.no_grad():
+        lp = causal.forward_logprobs(QUERIES, DOCS, enc, padding_side=padding_side)  # (B, n_docs, T)
+    assert lp.dtype == torch.float64 and lp.shape == (2, 2, mask.shape[1])
+    want = _hand_logprobs(causal, QUERIES, DOCS, TARGETS)
+    assert torch.allclose(lp, want, atol=1e-10, rtol=0), (lp - want).abs().max()
+    pad = ~mask[:, None, :].expand_as(lp)
+    assert (lp[pad] == 0).all() and (lp[~pad] < 0).all()
+    # passage j scores as if it were the only one
+    with torch.no_grad():
+        second = causal.forward_logprobs(QUERIES, [[d[1]] for d in DOCS], TARGETS, padding_side=padding_side)
+    assert torch.allclose(second[:, 0], lp[:, 1], atol=1e-10, rtol=0)
+
+
+def test_forward_logprobs_keep_the_graph(bpe_dir):
+    g = _causal(bpe_dir).train()
+    lp = g.forward_logprobs(QUERIES, DOCS, TARGETS)
+    assert lp.requires_grad
+    lp.sum().backward()
+    assert g.model.get_input_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_rag_nll_through_the_causal_generator_is_the_marginalization_of_its_logprobs(causal, kind):
+    """The training path (marginal_nll on forward_logprobs) equals the RAG formulas written out by hand
+    over the hand loop's log-probs."""
+    enc = causal.tokenize_targets(TARGETS)
+    scores = torch.tensor([[1.5, -0.5], [0.2, 0.9]], dtype=torch.float64, requires_grad=True)
+    lp = causal.forward_logprobs(QUERIES, DOCS, enc)                              # (B, n_docs, T)
+    nll = marginal_nll(lp, enc["attention_mask"], scores, kind=kind)             # (B,)
+    hand = _hand_logprobs(causal, QUERIES, DOCS, TARGETS)
+    w = torch.softmax(scores.detach(), -1)
+    for b in range(2):
+        T = int(enc["attention_mask"][b].sum())
+        if kind == "sequence":
+            p = sum(w[b, j] * math.exp(float(hand[b, j, :T].sum())) for j in range(2))
+            want = -math.log(p)
+        else:
+            want = -sum(math.log(sum(w[b, j] * math.exp(float(hand[b, j, t])) for j in range(2))) for t in range(T))
+        assert float(nll[b].detach()) == pytest.approx(want, abs=1e-9)
+    nll.sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip_and_dispatch(bpe_dir, tmp_path):
+    g = _causal(bpe_dir, prompt_template="Q: {query}\nT: {title}\nP: {text}\nA:", target_max_length=12)
+    with torch.no_grad():
+        lp = g.forward_logprobs(QUERIES, DOCS, TARGETS)
+    g.save_pretrained(tmp_path / "gen")
+    for loaded in (CausalGenerator.from_pretrained(tmp_path / "gen"), Generator.from_pretrained(tmp_path / "gen"),
+                   load_any_generator(tmp_path / "gen"), load_generator(ModelsConfig(generator=str(tmp_path / "gen"),
+                                                                                     generator_target_max_length=12))):
+        assert isinstance(loaded, CausalGenerator)
+        assert loaded.prompt_template == g.prompt_template and loaded.target_max_length == 12
+        with torch.no_grad():
+            assert torch.equal(loaded.eval().forward_logprobs(QUERIES, DOCS, TARGETS), lp)
+    assert checkpoint_kind(tmp_path / "gen") == "causal"
+    # seq2seq-only overrides (as the training loaders pass them) are dropped for a causal LM
+    assert isinstance(Generator.from_pretrained(tmp_path / "gen", title_sep=" / ", query_sep=None), CausalGenerator)
+    with pytest.raises(ArtifactError, match="not a causal"):
+        CausalGenerator.from_pretrained(_bart_dir(bpe_dir, tmp_path))
+    with pytest.raises(ConfigError, match="generator_kind"):
+        load_any_generator(tmp_path / "gen", kind="encoder")
+
+
+def _bart_dir(bpe_dir, tmp_path):
+    d = tmp_path / "bart"
+    if not d.exists():
+        torch.manual_seed(0)
+        build_tiny_generator(bpe_dir, TINY.model_copy(update={"generator_arch": "bart"})).save_pretrained(d)
+    return d
+
+
+def test_plain_hf_directory_loads_with_defaults_and_seq2seq_still_loads_as_before(bpe_dir, tmp_path):
+    g = _causal(bpe_dir)
+    g.model.save_pretrained(tmp_path / "hf")
+    g.tokenizer.save_pretrained(tmp_path / "hf")
+    assert checkpoint_kind(tmp_path / "hf") == "causal"
+    loaded = load_generator(ModelsConfig(generator=str(tmp_path / "hf"), generator_prompt_template="{text} {query} =",
+                                         generator_target_max_length=9)).eval()
+    assert isinstance(loaded, CausalGenerator) and loaded.prompt_template == "{text} {query} ="
+    assert loaded.target_max_length == 9 and loaded.target_prefix == " "
+    plain = CausalGenerator.from_pretrained(tmp_path / "hf").eval()
+    assert plain.prompt_template == DEFAULT_PROMPT_TEMPLATE and not plain.chat_template
+    with torch.no_grad():
+        assert torch.equal(plain.forward_logprobs(QUERIES, DOCS, TARGETS), g.forward_logprobs(QUERIES, DOCS, TARGETS))
+    bart = _bart_dir(bpe_dir, tmp_path)
+    assert checkpoint_kind(bart) == "seq2seq"
+    for s2s in (Generator.from_pretrained(bart), load_any_generator(bart, prompt_template="{text}{query}"),
+                load_generator(ModelsConfig(generator=str(bart), generator_kind="seq2seq"))):
+        assert type(s2s) is Generator and s2s.kind == "seq2seq"
+    with pytest.raises(ArtifactError, match="not a causal"):
+        load_generator(ModelsConfig(generator=str(bart), generator_kind="causal"))
+    with pytest.raises(ConfigError, match="generator_arch"):
+        load_generator(ModelsConfig(generator_kind="seq2seq", tiny=TINY), bpe_dir)
+
+
+def test_generate_gives_texts_per_passage(causal):
+    out = causal.generate(QUERIES, DOCS, num_beams=2, num_return_sequences=2, max_new_tokens=4)
+    assert len(out) == 2 and all(len(per_q) == 2 and all(len(r) == 2 for r in per_q) for per_q in out)
+    assert all(isinstance(t, str) for per_q in out for r in per_q for t in r)
