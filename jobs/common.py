@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from re2g.artifacts import write_json_atomic
 from re2g.config import Re2GConfig, load_config, save_config
 from re2g.errors import Re2GError
 from re2g.layout import RunLayout
@@ -51,8 +52,7 @@ def run_job(name: str, args: argparse.Namespace, body: Callable[[Re2GConfig, Run
         outputs = body(cfg, layout)
         manifest = {"job": name, "seconds": round(time.time() - t0, 3), "outputs": outputs,
                     "config": cfg.model_dump(mode="json") | {"run_dir": remote}}
-        Path(cfg.run_dir, "jobs").mkdir(parents=True, exist_ok=True)
-        Path(cfg.run_dir, "jobs", f"{name}.json").write_text(json.dumps(manifest, indent=2, default=str))
+        write_json_atomic(Path(cfg.run_dir, "jobs", f"{name}.json"), manifest, default=str)
         save_config(cfg.model_copy(update={"run_dir": remote}), cfg.run_dir)
         if mirror:
             mirror.push()

@@ -66,7 +66,9 @@ def build_serve_config(run_dir: str = "runs/quickstart") -> str:
 
 def write_serve_config(path: Path = CONFIG_PATH) -> Path:
     """Write :func:`build_serve_config` to ``path``."""
-    path.write_text(build_serve_config())
+    from re2g.artifacts import write_text_atomic
+
+    write_text_atomic(path, build_serve_config())
     return path
 
 

@@ -20,6 +20,8 @@ import json
 import re
 from pathlib import Path
 
+from re2g.artifacts import write_json_atomic, write_text_atomic
+
 
 def _num(v) -> str:
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -212,8 +214,8 @@ def write_report(summary: dict, out_dir: str | Path) -> dict[str, Path]:
                 md.append(f"  - `{p['pid']}` {p.get('title', '')} ({p.get('source', '')}, "
                           f"rerank {p.get('rerank_score', 0):.2f})")
         md.append("")
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text_atomic(out / "report.md", "\n".join(md))
+    write_json_atomic(out / "report.json", summary, default=str)
     files["markdown"] = out / "report.md"
     files["json"] = out / "report.json"
     return files

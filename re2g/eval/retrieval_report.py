@@ -24,7 +24,6 @@ theirs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -153,8 +152,7 @@ def retrieval_report(cfg: Re2GConfig, *, tasks: Sequence[str] | None = None, pas
     if beir is not None:
         results.update(score_beir(deeper_hybrid(opened, BEIR_RECALL_K + 1), beir, split=split))
     if out is not None:
-        import fsspec
+        from re2g.artifacts import write_json_atomic
 
-        with fsspec.open(out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(out, results)
     return RetrievalReportResult(results)

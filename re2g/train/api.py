@@ -28,11 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from re2g.artifacts import staged_dir, write_text_atomic
+from re2g.artifacts import staged_dir, write_json_atomic, write_text_atomic
 from re2g.config import Re2GConfig, StageTrainConfig, save_config
 from re2g.errors import ArtifactError
 from re2g.layout import RunLayout, join
-from re2g.train.data import (QueryRecord, load_queries, mine_negatives, mine_negatives_ray, read_records,
+from re2g.train.data import (load_queries, mine_negatives, mine_negatives_ray, read_records,
                              retrieve_candidates, retrieve_candidates_ray, write_records)
 from re2g.train.plans import plan_dpr, plan_lists, to_dataset
 from re2g.train.evaluate import DevSet, metrics_dict, report
@@ -135,7 +135,7 @@ def mine(cfg: Re2GConfig, inputs: TrainInputs, *, retriever=None, dense_index: s
     write_records(out, mined)
     info = {"path": out, "load": load.__dict__, "mining": stats.to_dict(),
             "run": {**how, "seconds": round(time.time() - t0, 3)}}
-    Path(out).with_suffix(".stats.json").write_text(json.dumps(info, indent=2))
+    write_json_atomic(Path(out).with_suffix(".stats.json"), info)
     return out, info
 
 

@@ -121,8 +121,10 @@ def start_generator(cfg, inputs) -> str:
     if not init.is_dir() and out.is_dir() and not _is_stage2_output(out):
         import shutil
 
-        init.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(out, init)
+        from re2g.artifacts import staged_dir
+
+        with staged_dir(init) as staging:       # a crash mid-copy leaves no half-copied init model that loads
+            shutil.copytree(out, staging.path, dirs_exist_ok=True)
     return _init_model(cfg, inputs, "generator")
 
 
@@ -261,6 +263,7 @@ def compare_e2e_options(cfg, options: Sequence[str] = QUERY_ENCODER_OPTIONS, *, 
         results[option] = train_e2e(cfg, query_encoder=option, inputs=inputs, log=log)
     md = options_markdown(results)
     path = out or join(_layout(cfg).reports, "e2e_options.md")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(md)
+    from re2g.artifacts import write_text_atomic
+
+    write_text_atomic(path, md)
     return {"results": results, "markdown": md, "path": str(path)}

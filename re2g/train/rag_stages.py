@@ -9,7 +9,6 @@ micro-batches of ``{"id", "query", "target", ["bm25"]}`` examples.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,9 @@ class _GenStageBase(StageBase):
         """The models, and the dev metrics of this step (when evaluated) beside the checkpoint."""
         model.save_pretrained(directory, generator_at_root=self.generator_at_root)
         if self._last_eval is not None:
-            Path(directory).parent.joinpath("eval.json").write_text(json.dumps({"dev": self._last_eval}, indent=2))
+            from re2g.artifacts import write_json_atomic
+
+            write_json_atomic(Path(directory).parent / "eval.json", {"dev": self._last_eval})
             self._last_eval = None
 
     def _remember(self, metrics: dict) -> dict:
