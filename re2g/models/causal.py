@@ -53,7 +53,8 @@ from typing import Any
 import torch
 
 from re2g.errors import ArtifactError, ConfigError
-from re2g.models.encoders import check_source, eval_mode, load_tokenizer, module_device, quiet_transformers, title_text
+from re2g.models.encoders import (check_source, eval_mode, load_tokenizer, module_device, quiet_transformers,
+                                  title_text)
 from re2g.models.fingerprint import read_model_meta, write_model_meta
 from re2g.models.generator import DEFAULT_SOURCE_MAX_LENGTH, DEFAULT_TARGET_MAX_LENGTH, _n_docs, decode_texts
 
@@ -221,7 +222,7 @@ class CausalGenerator(torch.nn.Module):
         ``max_length`` (default ``source_max_length``) loses its beginning (:meth:`tokenize_prompts`
         cuts the passage instead)."""
         cap = int(max_length or self.source_max_length)
-        rows = [(lambda r: r[len(r) - cap:] if len(r) > cap else r)(self._encode(s)) for s in sources]
+        rows = [ids[max(0, len(ids) - cap):] for ids in map(self._encode, sources)]
         ids, mask = self._left_pad(rows)
         return {"input_ids": ids, "attention_mask": mask}
 
@@ -382,7 +383,7 @@ class CausalGenerator(torch.nn.Module):
                 out[s:s + len(tmask)] = lp.sum(-1).float().cpu()
         return out
 
-    def token_steps(self, src: CausalPrompts, *, use_cache: bool = True) -> "CausalSteps":
+    def token_steps(self, src: CausalPrompts, *, use_cache: bool = True) -> CausalSteps:
         """A next-token stepper over the prompts (RAG-Token decoding), see :class:`CausalSteps`."""
         return CausalSteps(self, src, use_cache=use_cache)
 
@@ -400,7 +401,7 @@ class CausalGenerator(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, tokenizer: Any = None, dtype: Any = None,
-                        **overrides) -> "CausalGenerator":
+                        **overrides) -> CausalGenerator:
         """Load from a hub name or a local directory: a ``save_pretrained`` one, or a plain Hugging Face
         causal-LM directory (no ``re2g_model.json``: the defaults apply). ``overrides`` (prompt_template,
         chat_template, source_max_length, target_max_length, target_prefix; None: keep) win over the

@@ -27,7 +27,6 @@ field names, or ``(title, text)`` pairs.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -35,8 +34,8 @@ from typing import Any, NamedTuple
 import torch
 
 from re2g.models.encoders import eval_mode
-from re2g.models.generator import decode_text, decode_texts
-from re2g.models.marginalize import doc_log_weights, marginalize_sequences, marginalize_tokens, sequence_logprobs
+from re2g.models.generator import EncodedSources, decode_text  # noqa: F401  (EncodedSources: re-exported)
+from re2g.models.marginalize import doc_log_weights, marginalize_sequences, marginalize_tokens
 from re2g.types import Candidate
 
 # --------------------------------------------------------------------------- results
@@ -141,71 +140,20 @@ def _batched_decode(fn, generator, queries, passages_per_query, doc_scores, **kw
 # --------------------------------------------------------------------------- RAG-Sequence
 
 
-@dataclass(frozen=True)
-class EncodedSources:
-    """Every source s_j of a group of queries through the encoder, once (query-major: row b * n_docs + j
-    is s_j of query b). Beam search and rescoring both read these states instead of encoding again."""
-
-    input_ids: torch.Tensor        # (N, S)  N = B * n_docs
-    attention_mask: torch.Tensor   # (N, S)
-    memory: torch.Tensor           # (N, S, d) the encoder's last hidden state
-    n_docs: int
+def encode_sources(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]):
+    """Every source of a group of queries prepared once (``generator.prepare_sources``): for a seq2seq
+    generator the encoder's states (:class:`EncodedSources`), for a causal LM the tokenized prompts
+    (:class:`re2g.models.causal.CausalPrompts`). Every query needs the same passage count."""
+    return generator.prepare_sources(queries, passages_per_query)
 
 
-def encode_sources(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]) -> EncodedSources:
-    """Tokenize every s_j (padded to the group's longest) and run the encoder on them once, no gradient.
-    Every query needs the same passage count."""
-    n_docs = len(passages_per_query[0]) if passages_per_query else 0
-    enc = generator.tokenize_sources(generator.build_sources(queries, passages_per_query))
-    ids, mask = enc["input_ids"].to(generator.device), enc["attention_mask"].to(generator.device)
-    with eval_mode(generator), torch.inference_mode():
-        memory = generator.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    return EncodedSources(ids, mask, memory, n_docs)
-
-
-@functools.cache
-def _beam_cache_class():
-    """An ``EncoderDecoderCache`` whose cross-attention part beam search does not reorder.
-
-    At every step the model's beam search reorders the cache by the chosen beams; every beam of one
-    source holds the same cross-attention keys and values (the source's encoder states, copied
-    ``num_beams`` times), so reordering that part copies it onto itself: (N * beams, heads, S, d_head)
-    per layer and step, about a third of a batched search's CPU with the tiny model. The
-    self-attention part is reordered as before, so the search is the same."""
-    from transformers.cache_utils import EncoderDecoderCache
-
-    class SharedCrossAttentionCache(EncoderDecoderCache):
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            self.self_attention_cache.reorder_cache(beam_idx)
-
-    return SharedCrossAttentionCache
-
-
-def beam_search(generator, src: EncodedSources, *, num_beams: int, num_return_sequences: int = 1,
-                max_new_tokens: int | None = None) -> list[list[str]]:
-    """Beam search on every source over its encoder states (the model's own ``generate``, which does
-    not encode again when handed them): texts (N, num_return_sequences), best beam first."""
-    from transformers.cache_utils import DynamicCache
-    from transformers.modeling_outputs import BaseModelOutput
-
-    r = int(num_return_sequences)
-    with eval_mode(generator), torch.inference_mode():
-        out = generator.model.generate(
-            input_ids=src.input_ids, attention_mask=src.attention_mask,
-            encoder_outputs=BaseModelOutput(last_hidden_state=src.memory),  # a fresh one: generate expands it in place
-            past_key_values=_beam_cache_class()(DynamicCache(), DynamicCache()),
-            num_beams=max(int(num_beams), r), num_return_sequences=r,
-            max_new_tokens=max_new_tokens or generator.target_max_length,
-            **_copy_kwargs(generator, src.input_ids))   # (N * r, L)
-    texts = decode_texts(generator.tokenizer, out)          # whole characters only
-    return [texts[i * r:(i + 1) * r] for i in range(src.input_ids.shape[0])]
-
-
-def _decoder_start(model) -> int:
-    start = model.config.decoder_start_token_id
-    if start is None:
-        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
-    return start
+def beam_search(generator, src, *, num_beams: int, num_return_sequences: int = 1,
+                max_new_tokens: int | None = None, use_cache: bool = True) -> list[list[str]]:
+    """Beam search on every prepared source (``generator.beam_search``: the model's own ``generate``
+    over the encoder states or the prompts, with its KV cache unless ``use_cache=False``): texts
+    (N, num_return_sequences), best beam first."""
+    return generator.beam_search(src, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                                 max_new_tokens=max_new_tokens, use_cache=use_cache)
 
 
 def _copy_kwargs(generator, source_ids: torch.Tensor) -> dict:
@@ -215,45 +163,12 @@ def _copy_kwargs(generator, source_ids: torch.Tensor) -> dict:
     return f(source_ids) if f is not None else {}
 
 
-def score_targets(generator, src: EncodedSources, rows: Sequence[int], targets: Sequence[str], *,
+def score_targets(generator, src, rows: Sequence[int], targets: Sequence[str], *,
                   batch_size: int = 128) -> torch.Tensor:
-    """log p(targets[p] | s_{rows[p]}) for every pair p, (P,): teacher-forced, the decoder alone over the
-    encoder states ``src`` (the same numbers as :meth:`Generator.forward_logprobs` summed over the
-    target). ``batch_size`` pairs per decoder pass, each pass cut to its longest source and target.
-    (The cross-attention keys/values are projected per pair: projecting them once per source and
-    gathering them per pair measured slower with the tiny model, the copies costing what it saved.)"""
-    from transformers.models.bart.modeling_bart import shift_tokens_right
-
-    model = generator.model
-    cfg = model.config
-    start = _decoder_start(model)
-    P = len(targets)
-    out = torch.empty(P)
-    if P == 0:
-        return out
-    unique = {t: i for i, t in enumerate(dict.fromkeys(targets))}          # each text tokenized once
-    enc_t = generator.tokenize_targets(list(unique))
-    which = torch.tensor([unique[t] for t in targets], dtype=torch.long)
-    labels_all = enc_t["input_ids"][which].to(generator.device)              # (P, T)
-    tmask_all = enc_t["attention_mask"][which].to(generator.device).bool()   # (P, T)
-    rows_all = torch.as_tensor(list(rows), dtype=torch.long, device=generator.device)
-    with eval_mode(generator), torch.inference_mode():
-        for s in range(0, P, max(1, int(batch_size))):
-            idx = rows_all[s:s + batch_size]
-            tmask = tmask_all[s:s + batch_size]
-            T = int(tmask.any(0).nonzero().max()) + 1                          # targets padded on the right
-            labels, tmask = labels_all[s:s + batch_size, :T], tmask[:, :T]
-            smask, sids = src.attention_mask[idx], src.input_ids[idx]          # (p, S)
-            keep = smask.any(0)                                                # columns some source uses
-            memory = src.memory[idx]
-            if not bool(keep.all()):
-                memory, smask, sids = memory[:, keep], smask[:, keep], sids[:, keep]
-            dec = shift_tokens_right(labels, cfg.pad_token_id, start)           # (p, T)
-            logits = model(encoder_outputs=(memory,), attention_mask=smask, decoder_input_ids=dec,
-                           use_cache=False, **_copy_kwargs(generator, sids)).logits.float()  # (p, T, V)
-            token_lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (p, T)
-            out[s:s + len(idx)] = sequence_logprobs(token_lp[:, None, :], tmask)[:, 0].cpu()
-    return out
+    """log p(targets[p] | s_{rows[p]}) for every pair p, (P,), teacher-forced over the prepared sources
+    (``generator.score_targets``: the same numbers as ``forward_logprobs`` summed over the target),
+    ``batch_size`` pairs per pass."""
+    return generator.score_targets(src, rows, targets, batch_size=batch_size)
 
 
 def _pairs(texts: Sequence[str], origin: torch.Tensor | None, n_docs: int) -> list[tuple[int, int]]:
@@ -286,13 +201,13 @@ def score_candidates(generator, query: str, passages: Sequence[Any], candidates:
 
 
 def _rag_sequence_group(generator, queries, passages_per_query, scores, *, num_beams, num_return_sequences,
-                        max_new_tokens, fast, batch_size) -> list[Answer]:
+                        max_new_tokens, fast, batch_size, use_cache=True) -> list[Answer]:
     """Every query of the group at once: one encoder pass over all B * n_docs sources, one beam search,
     one rescoring of every (query, candidate, passage) pair -- no per-query model call."""
     src = encode_sources(generator, queries, passages_per_query)
     n_docs = src.n_docs
     beams = beam_search(generator, src, num_beams=num_beams, num_return_sequences=num_return_sequences or num_beams,
-                        max_new_tokens=max_new_tokens)                      # (B * n_docs, r) texts
+                        max_new_tokens=max_new_tokens, use_cache=use_cache)  # (B * n_docs, r) texts
     pooled = [pool_candidates(beams[b * n_docs:(b + 1) * n_docs]) for b in range(len(queries))]
     rows: list[int] = []
     targets: list[str] = []
@@ -320,73 +235,74 @@ def _rag_sequence_group(generator, queries, passages_per_query, scores, *, num_b
 def rag_sequence_decode(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]],
                         doc_scores: Any = None, *, num_beams: int = 4, num_return_sequences: int | None = None,
                         max_new_tokens: int | None = None, fast: bool = False,
-                        batch_size: int = 128) -> list[Answer]:
+                        batch_size: int = 128, use_cache: bool = True) -> list[Answer]:
     """RAG-Sequence answers: beam search per passage, candidates pooled and rescored (thorough, or
     ``fast``), the best under Σ_j p(z_j|x) p(y|s_j). ``doc_scores``: one score list per query
     (softmax-normalized here; None: uniform). Queries may have different passage counts. Each
     passage count's queries are computed together (:func:`_rag_sequence_group`); ``batch_size``:
-    (candidate, passage) pairs per rescoring pass."""
+    (candidate, passage) pairs per rescoring pass; ``use_cache=False``: beam search without the KV cache
+    (the reference the cached search is tested against)."""
     return _batched_decode(_rag_sequence_group, generator, list(queries), passages_per_query, doc_scores,
                            num_beams=num_beams, num_return_sequences=num_return_sequences,
-                           max_new_tokens=max_new_tokens, fast=fast, batch_size=batch_size)
+                           max_new_tokens=max_new_tokens, fast=fast, batch_size=batch_size, use_cache=use_cache)
 
 
 # --------------------------------------------------------------------------- RAG-Token
 
 
-def _special_ids(model) -> tuple[int, int, int | None, int | None]:
+def _forced_ids(model) -> tuple[int | None, int | None]:
+    """``forced_bos_token_id`` / ``forced_eos_token_id`` of the model's generation settings (config fallback)."""
     cfg, gen = model.config, getattr(model, "generation_config", None)
 
     def pick(name):
         v = getattr(gen, name, None) if gen is not None else None
         return v if v is not None else getattr(cfg, name, None)
 
-    start, eos = pick("decoder_start_token_id"), pick("eos_token_id")
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0]
-    return start, eos, pick("forced_bos_token_id"), pick("forced_eos_token_id")
+    return pick("forced_bos_token_id"), pick("forced_eos_token_id")
 
 
 def rag_token_generate(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]],
-                       doc_scores: Any = None, *, num_beams: int = 1,
-                       max_new_tokens: int | None = None) -> list[list[tuple[list[int], float]]]:
+                       doc_scores: Any = None, *, num_beams: int = 1, max_new_tokens: int | None = None,
+                       use_cache: bool = True) -> list[list[tuple[list[int], float]]]:
     """RAG-Token search over Σ_j p(z_j|x) p(y_t|s_j, y_<t): per query up to ``num_beams`` hypotheses
-    ``(token ids without the decoder start token, log p(y|x))``, best first. Every query needs the
-    same passage count here (see :func:`rag_token_decode` for mixed counts)."""
+    ``(generated token ids, log p(y|x))``, best first (a seq2seq generator's decoder start token and a
+    causal LM's prompt are not part of the ids). Every query needs the same passage count here (see
+    :func:`rag_token_decode` for mixed counts).
+
+    The model runs through ``generator.token_steps``: every (hypothesis, passage) row keeps its own KV
+    cache, reordered with the beams, so each step feeds one new token per row (``use_cache=False``: the
+    whole prefix is rerun each step, the reference for tests)."""
     model = generator.model
-    start, eos, forced_bos, forced_eos = _special_ids(model)
+    eos = generator.eos_ids
+    forced_bos, forced_eos = _forced_ids(model)
     max_new = int(max_new_tokens or generator.target_max_length)
     K = int(num_beams)
     B = len(queries)
-    enc = generator.tokenize_sources(generator.build_sources(queries, passages_per_query))
+    src = generator.prepare_sources(queries, passages_per_query)
     n_docs = len(passages_per_query[0])
     dev = generator.device
-    src_ids, src_mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)          # (B*n_docs, S)
     lw = doc_log_weights(torch.stack(_as_scores(doc_scores, passages_per_query)).to(dev))  # (B, n_docs)
-    alive: list[list[tuple[list[int], float]]] = [[([start], 0.0)] for _ in range(B)]
+    alive: list[list[tuple[list[int], float]]] = [[([], 0.0)] for _ in range(B)]
     finished: list[list[tuple[list[int], float]]] = [[] for _ in range(B)]
     done = [False] * B
+    docs = torch.arange(n_docs, device=dev)
     with eval_mode(model), torch.inference_mode():
-        memory = model.get_encoder()(input_ids=src_ids, attention_mask=src_mask).last_hidden_state  # (B*n_docs, S, d)
+        steps = generator.token_steps(src, use_cache=use_cache)
+        lp_rows = steps.first()                                                # (B*n_docs, V): one row per (query, passage)
+        rows = [(b, [], 0.0) for b in range(B)]                                # the hypotheses lp_rows belongs to
         for step in range(max_new):
-            rows = [(b, toks, s) for b in range(B) if not done[b] for toks, s in alive[b]]
-            if not rows:
-                break
-            q_idx = torch.tensor([b for b, _, _ in rows], device=dev)                  # (H,)
-            src_rows = (q_idx[:, None] * n_docs + torch.arange(n_docs, device=dev)).reshape(-1)  # (H*n_docs,)
-            dec = torch.tensor([toks for _, toks, _ in rows], device=dev)              # (H, step+1)
-            logits = model(encoder_outputs=(memory[src_rows],), attention_mask=src_mask[src_rows],
-                           decoder_input_ids=dec.repeat_interleave(n_docs, 0), use_cache=False,
-                           **_copy_kwargs(generator, src_ids[src_rows])).logits
-            lp = torch.log_softmax(logits[:, -1].float(), -1).view(len(rows), n_docs, -1)  # (H, n_docs, V)
-            marg = marginalize_tokens(lp, lw[q_idx])                                    # (H, V)
+            q_idx = torch.tensor([b for b, _, _ in rows], device=dev)          # (H,)
+            lp = lp_rows.view(len(rows), n_docs, -1)                           # (H, n_docs, V)
+            marg = marginalize_tokens(lp, lw[q_idx])                           # (H, V)
             forced = forced_bos if step == 0 and forced_bos is not None else (
                 forced_eos if step == max_new - 1 and forced_eos is not None else None)
             if forced is not None:
                 only = torch.full_like(marg, float("-inf"))
                 only[:, forced] = marg[:, forced]
                 marg = only
-            total = marg + torch.tensor([s for _, _, s in rows], device=dev)[:, None]  # (H, V)
+            total = marg + torch.tensor([s for _, _, s in rows], device=dev, dtype=marg.dtype)[:, None]  # (H, V)
+            V = total.shape[1]
+            nxt: list[tuple[int, list[int], float, int]] = []                   # (b, tokens, score, parent h)
             h0 = 0
             for b in range(B):
                 if done[b]:
@@ -394,18 +310,18 @@ def rag_token_generate(generator, queries: Sequence[str], passages_per_query: Se
                 hb = len(alive[b])
                 cand = total[h0:h0 + hb].reshape(-1)
                 top = cand.topk(min(2 * K, cand.numel()))
-                V = total.shape[1]
                 new_alive = []
                 for rank, (s, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
                     if s == float("-inf"):
                         break
                     h, v = divmod(flat, V)
                     toks = rows[h0 + h][1] + [v]
-                    if v == eos:
+                    if v in eos:
                         if rank < K:  # as HF: an eos hypothesis counts only within the top K
                             finished[b].append((toks, s))
                     else:
                         new_alive.append((toks, s))
+                        nxt.append((b, toks, s, h0 + h))
                     if len(new_alive) == K:
                         break
                 alive[b] = new_alive
@@ -415,16 +331,24 @@ def rag_token_generate(generator, queries: Sequence[str], passages_per_query: Se
                 best_alive = max((s for _, s in new_alive), default=float("-inf"))
                 if not new_alive or (len(finished[b]) >= K and best_alive <= finished[b][K - 1][1]):
                     done[b] = True
+            rows = [(b, toks, s) for b, toks, s, _ in nxt if not done[b]]
+            if not rows or step == max_new - 1:
+                break
+            parent = torch.tensor([h for b, _, _, h in nxt if not done[b]], device=dev)       # (H',)
+            tokens = torch.tensor([t[-1] for _, t, _ in rows], device=dev)                     # (H',)
+            lp_rows = steps.advance((parent[:, None] * n_docs + docs).reshape(-1),
+                                    tokens.repeat_interleave(n_docs))                           # (H'*n_docs, V)
     results = []
     for b in range(B):
         hyps = sorted(finished[b] + ([] if done[b] else alive[b]), key=lambda x: -x[1])[:K]
-        results.append([(toks[1:], s) for toks, s in hyps])
+        results.append([(toks, s) for toks, s in hyps])
     return results
 
 
-def _rag_token_group(generator, queries, passages_per_query, scores, *, num_beams, max_new_tokens) -> list[Answer]:
+def _rag_token_group(generator, queries, passages_per_query, scores, *, num_beams, max_new_tokens,
+                     use_cache=True) -> list[Answer]:
     hyps = rag_token_generate(generator, queries, passages_per_query, scores, num_beams=num_beams,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, use_cache=use_cache)
     answers = []
     for b, q in enumerate(queries):
         seen: dict[str, float] = {}
@@ -436,11 +360,12 @@ def _rag_token_group(generator, queries, passages_per_query, scores, *, num_beam
 
 
 def rag_token_decode(generator, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]],
-                     doc_scores: Any = None, *, num_beams: int = 1, max_new_tokens: int | None = None) -> list[Answer]:
+                     doc_scores: Any = None, *, num_beams: int = 1, max_new_tokens: int | None = None,
+                     use_cache: bool = True) -> list[Answer]:
     """RAG-Token answers (greedy for ``num_beams=1``); candidates are the final beams with their
     RAG-Token log p(y|x). Queries may have different passage counts."""
     return _batched_decode(_rag_token_group, generator, list(queries), passages_per_query, doc_scores,
-                           num_beams=num_beams, max_new_tokens=max_new_tokens)
+                           num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=use_cache)
 
 
 # --------------------------------------------------------------------------- dispatch

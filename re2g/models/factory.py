@@ -14,10 +14,10 @@ from typing import Any
 
 from re2g.config import ModelsConfig, TinyModelConfig
 from re2g.errors import ConfigError
-from re2g.models.encoders import (DEFAULT_PASSAGE_MAX_LENGTH, DEFAULT_QUERY_MAX_LENGTH, BiEncoder,
-                                  load_tokenizer, looks_local)
-from re2g.models.fingerprint import read_model_meta
 from re2g.models.causal import CausalGenerator, load_any_generator
+from re2g.models.encoders import (DEFAULT_PASSAGE_MAX_LENGTH, DEFAULT_QUERY_MAX_LENGTH, BiEncoder, load_tokenizer,
+                                  looks_local)
+from re2g.models.fingerprint import read_model_meta
 from re2g.models.generator import DEFAULT_SOURCE_MAX_LENGTH, DEFAULT_TARGET_MAX_LENGTH, Generator
 from re2g.models.reranker import DEFAULT_RERANKER_MAX_LENGTH, CrossEncoder
 

@@ -25,15 +25,18 @@ Saved layout: the Hugging Face model and tokenizer files in the directory itself
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from re2g.errors import ArtifactError
-from re2g.models.encoders import check_source, load_tokenizer, module_device, quiet_transformers, title_text
+from re2g.models.encoders import (check_source, eval_mode, load_tokenizer, module_device, quiet_transformers,
+                                  title_text)
 from re2g.models.fingerprint import read_model_meta, write_model_meta
 
 DEFAULT_TITLE_SEP = " / "
@@ -65,6 +68,43 @@ def decode_text(tokenizer, ids: Sequence[int] | torch.Tensor) -> str:
 def decode_texts(tokenizer, batch: Sequence[Sequence[int]] | torch.Tensor) -> list[str]:
     """:func:`decode_text` for every row of ``batch`` (N, L)."""
     return [whole_chars(t) for t in tokenizer.batch_decode(batch, skip_special_tokens=True)]
+
+
+@dataclass(frozen=True)
+class EncodedSources:
+    """Every source s_j of a group of queries through the encoder, once (query-major: row b * n_docs + j
+    is s_j of query b). Beam search and rescoring both read these states instead of encoding again."""
+
+    input_ids: torch.Tensor        # (N, S)  N = B * n_docs
+    attention_mask: torch.Tensor   # (N, S)
+    memory: torch.Tensor           # (N, S, d) the encoder's last hidden state
+    n_docs: int
+
+
+@functools.cache
+def _beam_cache_class():
+    """An ``EncoderDecoderCache`` whose cross-attention part beam search does not reorder.
+
+    At every step the model's beam search reorders the cache by the chosen beams; every beam of one
+    source holds the same cross-attention keys and values (the source's encoder states, copied
+    ``num_beams`` times), so reordering that part copies it onto itself: (N * beams, heads, S, d_head)
+    per layer and step, about a third of a batched search's CPU with the tiny model. The
+    self-attention part is reordered as before, so the search is the same."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class SharedCrossAttentionCache(EncoderDecoderCache):
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return SharedCrossAttentionCache
+
+
+def decoder_start_id(model) -> int:
+    """The decoder's first input token (config, else generation config)."""
+    start = model.config.decoder_start_token_id
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    return start
 
 
 class Generator(torch.nn.Module):
@@ -173,6 +213,90 @@ class Generator(torch.nn.Module):
         return [[texts[(b * n_docs + j) * r:(b * n_docs + j + 1) * r] for j in range(n_docs)]
                 for b in range(len(queries))]
 
+    # ---- what re2g.models.decoding calls (the CausalGenerator has the same methods)
+
+    def prepare_sources(self, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]) -> EncodedSources:
+        """Tokenize every s_j (padded to the group's longest) and run the encoder on them once, no
+        gradient. Every query needs the same passage count."""
+        n_docs = len(passages_per_query[0]) if passages_per_query else 0
+        enc = self.tokenize_sources(self.build_sources(queries, passages_per_query))
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        with eval_mode(self), torch.inference_mode():
+            memory = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        return EncodedSources(ids, mask, memory, n_docs)
+
+    def beam_search(self, src: EncodedSources, *, num_beams: int, num_return_sequences: int = 1,
+                    max_new_tokens: int | None = None, use_cache: bool = True) -> list[list[str]]:
+        """Beam search on every source over its encoder states (the model's own ``generate``, which does
+        not encode again when handed them): texts (N, num_return_sequences), best beam first.
+        ``use_cache=False``: the decoder reruns the whole prefix each step (the reference)."""
+        from transformers.cache_utils import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        r = int(num_return_sequences)
+        cache = dict(past_key_values=_beam_cache_class()(DynamicCache(), DynamicCache())) if use_cache else \
+            dict(use_cache=False)
+        with eval_mode(self), torch.inference_mode():
+            out = self.model.generate(
+                input_ids=src.input_ids, attention_mask=src.attention_mask,
+                encoder_outputs=BaseModelOutput(last_hidden_state=src.memory),  # a fresh one: generate expands it in place
+                num_beams=max(int(num_beams), r), num_return_sequences=r,
+                max_new_tokens=max_new_tokens or self.target_max_length,
+                **cache, **self.copy_kwargs(src.input_ids))   # (N * r, L)
+        texts = decode_texts(self.tokenizer, out)          # whole characters only
+        return [texts[i * r:(i + 1) * r] for i in range(src.input_ids.shape[0])]
+
+    def score_targets(self, src: EncodedSources, rows: Sequence[int], targets: Sequence[str], *,
+                      batch_size: int = 128) -> torch.Tensor:
+        """log p(targets[p] | s_{rows[p]}) for every pair p, (P,): teacher-forced, the decoder alone over
+        the encoder states ``src`` (the same numbers as :meth:`forward_logprobs` summed over the target).
+        ``batch_size`` pairs per decoder pass, each pass cut to its longest source and target. (The
+        cross-attention keys/values are projected per pair: projecting them once per source and gathering
+        them per pair measured slower with the tiny model, the copies costing what it saved.)"""
+        from transformers.models.bart.modeling_bart import shift_tokens_right
+
+        model = self.model
+        cfg = model.config
+        start = decoder_start_id(model)
+        P = len(targets)
+        out = torch.empty(P)
+        if P == 0:
+            return out
+        unique = {t: i for i, t in enumerate(dict.fromkeys(targets))}          # each text tokenized once
+        enc_t = self.tokenize_targets(list(unique))
+        which = torch.tensor([unique[t] for t in targets], dtype=torch.long)
+        labels_all = enc_t["input_ids"][which].to(self.device)                  # (P, T)
+        tmask_all = enc_t["attention_mask"][which].to(self.device).bool()       # (P, T)
+        rows_all = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        with eval_mode(self), torch.inference_mode():
+            for s in range(0, P, max(1, int(batch_size))):
+                idx = rows_all[s:s + batch_size]
+                tmask = tmask_all[s:s + batch_size]
+                T = int(tmask.any(0).nonzero().max()) + 1                          # targets padded on the right
+                labels, tmask = labels_all[s:s + batch_size, :T], tmask[:, :T]
+                smask, sids = src.attention_mask[idx], src.input_ids[idx]          # (p, S)
+                keep = smask.any(0)                                                # columns some source uses
+                memory = src.memory[idx]
+                if not bool(keep.all()):
+                    memory, smask, sids = memory[:, keep], smask[:, keep], sids[:, keep]
+                dec = shift_tokens_right(labels, cfg.pad_token_id, start)           # (p, T)
+                logits = model(encoder_outputs=(memory,), attention_mask=smask, decoder_input_ids=dec,
+                               use_cache=False, **self.copy_kwargs(sids)).logits.float()  # (p, T, V)
+                token_lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (p, T)
+                out[s:s + len(idx)] = torch.where(tmask, token_lp, torch.zeros_like(token_lp)).sum(-1).cpu()
+        return out
+
+    def token_steps(self, src: EncodedSources, *, use_cache: bool = True) -> Seq2SeqSteps:
+        """A next-token stepper over the encoded sources (RAG-Token decoding), see :class:`Seq2SeqSteps`."""
+        return Seq2SeqSteps(self, src, use_cache=use_cache)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end a hypothesis (the generation config's EOS, else the model config's)."""
+        gen = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos = gen if gen is not None else self.model.config.eos_token_id
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
     # ---- save / load
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -219,6 +343,52 @@ class Generator(torch.nn.Module):
         kwargs = {k: meta[k] for k in SEQ2SEQ_SETTINGS if meta and k in meta}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model, tok, **kwargs)
+
+
+class Seq2SeqSteps:
+    """Next-token log-probabilities for a growing set of (hypothesis, source) rows, the decoder over the
+    encoded sources with one self-attention KV cache (and the cross-attention keys/values projected once).
+
+    :meth:`first` feeds the decoder start token to every source row, (N, V); :meth:`advance`
+    ``(parent, tokens)`` makes row i of the next step the continuation of row ``parent[i]`` of the previous
+    one by ``tokens[i]`` (rows may repeat or be dropped; the cache is reordered with them), (R, V).
+    ``use_cache=False`` reruns every row's whole prefix instead (the reference for tests)."""
+
+    def __init__(self, generator: Generator, src: EncodedSources, *, use_cache: bool = True):
+        self.g = generator
+        self.src = src
+        self.use_cache = use_cache
+        dev = src.input_ids.device
+        self.rows = torch.arange(src.input_ids.shape[0], device=dev)           # (R,) source row of each row
+        self.dec = torch.full((len(self.rows), 1), decoder_start_id(generator.model), dtype=torch.long, device=dev)
+        self.cache = None
+
+    def _run(self, dec_in: torch.Tensor) -> torch.Tensor:
+        src, r = self.src, self.rows
+        out = self.g.model(encoder_outputs=(src.memory[r],), attention_mask=src.attention_mask[r],
+                           decoder_input_ids=dec_in, past_key_values=self.cache, use_cache=self.use_cache,
+                           **self.g.copy_kwargs(src.input_ids[r]))
+        if self.use_cache:
+            self.cache = out.past_key_values
+        return torch.log_softmax(out.logits[:, -1].float(), -1)                 # (R, V)
+
+    def first(self) -> torch.Tensor:
+        """log p(first token | s_j) for every source row, (N, V)."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if self.use_cache else None
+        return self._run(self.dec)
+
+    def advance(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows ``parent`` (R,) of the previous step extended by ``tokens`` (R,): log p(next | row), (R, V)."""
+        dev = self.rows.device
+        parent, tokens = parent.to(dev), tokens.to(dev)
+        self.rows = self.rows[parent]
+        self.dec = torch.cat([self.dec[parent], tokens[:, None]], 1)
+        if not self.use_cache:
+            return self._run(self.dec)
+        self.cache.reorder_cache(parent)
+        return self._run(tokens[:, None])
 
 
 def _n_docs(queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]]) -> int:
