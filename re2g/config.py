@@ -389,6 +389,22 @@ class DeepSpeedConfig(_Strict):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload the optimizer state to CPU (stage >= 1)")
 
 
+class LoraTrainConfig(_Strict):
+    """LoRA adapters on the generator (stages 2 and 4, through ``peft``): only the adapter weights train,
+    the base weights stay as they were. For causal-LM readers (``re2g.models.lora``)."""
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of every generator weight")
+    r: int = Field(8, ge=1, description="rank of the adapters")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | None = Field(
+        None, description="module names (or name suffixes) that get adapters, e.g. [q_proj, k_proj, v_proj, o_proj]; "
+        "None: peft's default for the architecture (Llama, Gemma, Qwen: q_proj, v_proj)")
+    merge_on_save: bool = Field(True, description="checkpoints hold the adapters merged into a plain Hugging Face "
+                                "model (True) or the adapter alone (adapter_config.json + weights, with the base "
+                                "model's location in re2g_model.json: lora_base)")
+
+
 class StageTrainConfig(_Strict):
     """What every training stage shares: optimization, schedule, batching, checkpoints."""
 
@@ -472,6 +488,7 @@ class GeneratorTrainConfig(StageTrainConfig):
         "training (a tiny BART from scratch: BART's own 0.02 stayed at the answers' unconditional distribution "
         "for 1,500 steps on the sample task, 0.1 learned to copy answers within ~1,000); None: keep its weights")
     max_dev_queries: int | None = Field(100, ge=1, description="evaluate on the first N dev queries (None: all)")
+    lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig, description="LoRA adapters on the generator")
 
 
 class E2ETrainConfig(StageTrainConfig):
@@ -498,6 +515,7 @@ class E2ETrainConfig(StageTrainConfig):
     dense_index: Location = Field(None, description="dense index directory (None: RUN_DIR/index/dense)")
     index_actor_cpus: float = Field(0.0, ge=0, description="CPUs reserved per index-shard actor")
     max_dev_queries: int | None = Field(100, ge=1, description="evaluate on the first N dev queries (None: all)")
+    lora: LoraTrainConfig = Field(default_factory=LoraTrainConfig, description="LoRA adapters on the generator")
 
 
 class MiningConfig(_Strict):
