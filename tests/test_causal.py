@@ -233,3 +233,100 @@ def test_generate_gives_texts_per_passage(causal):
     out = causal.generate(QUERIES, DOCS, num_beams=2, num_return_sequences=2, max_new_tokens=4)
     assert len(out) == 2 and all(len(per_q) == 2 and all(len(r) == 2 for r in per_q) for per_q in out)
     assert all(isinstance(t, str) for per_q in out for r in per_q for t in r)
+
+
+# --------------------------------------------------------------------------- decoding (RAG-Sequence, RAG-Token)
+
+PASSAGES = [[("Town3", "the city of town3 lies on the river3"), ("", "town3 was founded by king3"),
+             ("King3", "king3 founded the city")],
+            [("Town12", "town12 was founded in 1284 by king2"), ("River5", "the river5 flows through town12"),
+             ("", "which river flows through the town")]]
+SCORES = [[1.0, -0.5, 0.3], [0.0, 2.0, -1.0]]
+
+
+@pytest.fixture(scope="module")
+def readers(bpe_dir):
+    """{"causal": the tiny Llama, "seq2seq": the tiny pointer BART}, float32, with seeded noise on the BART
+    (and EOS made less likely, as tests/test_decoding.py does) so answers run several tokens."""
+    causal = _causal(bpe_dir, seed=1)
+    torch.manual_seed(2)
+    s2s = build_tiny_generator(bpe_dir, TINY.model_copy(update={"generator_arch": "bart"})).eval()
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in s2s.model.parameters():
+            p.add_(torch.randn(p.shape, generator=rng) * 0.3)
+        s2s.model.final_logits_bias[0, s2s.model.config.eos_token_id] = -5.0
+    return {"causal": causal, "seq2seq": s2s}
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_rag_token_with_the_kv_cache_equals_rerunning_the_prefix(readers, kind, num_beams):
+    from re2g.models.decoding import rag_token_generate
+
+    g = readers[kind]
+    kw = dict(num_beams=num_beams, max_new_tokens=6)
+    cached = rag_token_generate(g, QUERIES, PASSAGES, SCORES, **kw)
+    plain = rag_token_generate(g, QUERIES, PASSAGES, SCORES, use_cache=False, **kw)
+    assert [[ids for ids, _ in q] for q in cached] == [[ids for ids, _ in q] for q in plain]
+    for cq, pq in zip(cached, plain):
+        assert [s for _, s in cq] == pytest.approx([s for _, s in pq], abs=1e-5)
+    assert all(len(q) == num_beams for q in cached)
+    assert max(len(ids) for q in cached for ids, _ in q) >= 3, "answers of several tokens"
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_rag_sequence_with_the_kv_cache_equals_without(readers, kind, fast):
+    from re2g.models.decoding import rag_sequence_decode
+
+    g = readers[kind]
+    kw = dict(num_beams=2, max_new_tokens=5, fast=fast)
+    cached = rag_sequence_decode(g, QUERIES, PASSAGES, SCORES, **kw)
+    plain = rag_sequence_decode(g, QUERIES, PASSAGES, SCORES, use_cache=False, **kw)
+    for a, b in zip(cached, plain):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates] and a.answer == b.answer
+        assert [c.logprob for c in a.candidates] == pytest.approx([c.logprob for c in b.candidates], abs=1e-5)
+        assert len(a.candidates) >= 2 and all(math.isfinite(c.logprob) for c in a.candidates)
+
+
+def test_causal_rag_token_with_one_passage_is_hf_greedy_decoding(readers):
+    from re2g.models.decoding import rag_token_generate
+
+    g = readers["causal"]
+    docs = [[PASSAGES[0][0]], [PASSAGES[1][1]]]
+    got = rag_token_generate(g, QUERIES, docs, None, num_beams=1, max_new_tokens=6)
+    enc = g.tokenize_prompts(QUERIES, docs)                                # left-padded (B, S)
+    with torch.no_grad():
+        out = g.model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=6, pad_token_id=g.pad_id)
+    for b in range(2):
+        want = out[b, enc["input_ids"].shape[1]:].tolist()
+        while want and want[-1] == g.pad_id:
+            want.pop()
+        (ids, score), = got[b]
+        assert ids == want and score <= 0
+
+
+def test_causal_rag_sequence_scores_are_the_marginalization_of_forward_logprobs(readers):
+    from re2g.models.decoding import rag_sequence_decode
+    from re2g.models.marginalize import rag_sequence_logprob
+
+    g = readers["causal"]
+    (ans,) = rag_sequence_decode(g, QUERIES[1:], PASSAGES[1:], SCORES[1:], num_beams=2, max_new_tokens=5)
+    texts = [c.text for c in ans.candidates]
+    enc = g.tokenize_targets(texts)
+    with torch.no_grad():
+        lp = g.forward_logprobs(QUERIES[1:] * len(texts), PASSAGES[1:] * len(texts), enc)
+    want = rag_sequence_logprob(lp, enc["attention_mask"], torch.tensor(SCORES[1:] * len(texts)))
+    assert [c.logprob for c in ans.candidates] == pytest.approx(want.tolist(), abs=1e-4)
+    assert [p.weight for p in ans.provenance] == pytest.approx(torch.softmax(torch.tensor(SCORES[1]), -1).tolist())
+
+
+def test_causal_beams_are_hf_beam_search_on_the_prompts(readers):
+    from re2g.models.decoding import beam_search, encode_sources
+
+    g = readers["causal"]
+    src = encode_sources(g, QUERIES, PASSAGES)
+    got = beam_search(g, src, num_beams=3, num_return_sequences=2, max_new_tokens=4)   # (B*n_docs, 2)
+    assert got[:3] == g.generate(QUERIES[:1], PASSAGES[:1], num_beams=3, num_return_sequences=2, max_new_tokens=4)[0]
+    assert len(got) == 6 and all(len(r) == 2 for r in got)
