@@ -417,9 +417,12 @@ class CausalGenerator(torch.nn.Module):
         unknown = set(overrides) - set(_SETTINGS)
         if unknown:
             raise TypeError(f"unknown causal generator setting(s) {sorted(unknown)}; expected {list(_SETTINGS)}")
+        from re2g.models.lora import load_adapter_model  # a kept LoRA adapter directory: base + adapter, merged
         try:
             with quiet_transformers():
-                model = AutoModelForCausalLM.from_pretrained(src, **({"dtype": dtype} if dtype is not None else {}))
+                model = load_adapter_model(src, dtype=dtype)
+                if model is None:
+                    model = AutoModelForCausalLM.from_pretrained(src, **({"dtype": dtype} if dtype is not None else {}))
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{src}: cannot load the causal-LM generator: {e}") from None
         tok = load_tokenizer(tokenizer if tokenizer is not None else src, "generator tokenizer")
