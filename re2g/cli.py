@@ -268,10 +268,15 @@ def embed(
     console.print(f"{stats.passages} passages in {stats.seconds:.1f} s: {stats.passages_per_s:.1f} passages/s")
 
 
-@app.command()
+index_app = typer.Typer(invoke_without_command=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.callback()
 def index(
-    passages: Annotated[str, typer.Option(help="passages Parquet (for BM25)")],
-    out: Annotated[str, typer.Option(help="index directory: OUT/dense and OUT/bm25")],
+    ctx: typer.Context,
+    passages: Annotated[Optional[str], typer.Option(help="passages Parquet (for BM25)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="index directory: OUT/dense and OUT/bm25")] = None,
     embeddings: Annotated[Optional[str], typer.Option(help="embeddings from `re2g embed` (for the dense index)")] = None,
     dense: Annotated[bool, typer.Option(help="build the dense HNSW shards")] = True,
     bm25: Annotated[bool, typer.Option(help="build the BM25 (Lucene) index")] = True,
@@ -281,7 +286,13 @@ def index(
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Build the dense HNSW shards (one Ray task per shard) and the BM25 index."""
+    """Build the dense HNSW shards (one Ray task per shard) and the BM25 index
+    (`re2g index verify DIR`: check their files' checksums)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    for name, value in (("--passages", passages), ("--out", out)):
+        if value is None:
+            raise typer.BadParameter("required to build indexes", param_hint=name)
     from re2g.index.retrievers import build_indexes
     from re2g.layout import join
     from re2g.runtime import connect_ray
@@ -296,6 +307,26 @@ def index(
     except Re2GError as e:
         _fail(e)
     console.print(summary.table())
+
+
+@index_app.command("verify")
+def index_verify(
+    path: Annotated[str, typer.Argument(help="a run directory, an index directory or a passages directory")],
+) -> None:
+    """Check every file of the dense indexes and passage stores under PATH against the sha256
+    recorded at build time (a normal load checks sizes only); exit 1 on any mismatch."""
+    from re2g.index.verify import verify_artifacts
+
+    try:
+        checks = verify_artifacts(path)
+    except Re2GError as e:
+        _fail(e)
+    for c in checks:
+        typer.echo(c.line(path))
+    bad = [c for c in checks if not c.ok]
+    console.print(f"{len(checks) - len(bad)} of {len(checks)} files ok" + (f", {len(bad)} failed" if bad else ""))
+    if bad:
+        raise typer.Exit(code=1)
 
 
 @app.command("retrieval-report")

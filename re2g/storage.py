@@ -4,7 +4,9 @@ Faiss shard files, Lucene indexes and Hugging Face model directories are read an
 files. A job whose run directory is remote therefore works on a local mirror:
 
 1. :meth:`RunDirMirror.pull` copies the remote run directory into a local cache (files already there
-   with the same size are kept, so a second job on the same node downloads nothing);
+   with the same size are kept, so a second job on the same node downloads nothing); the files it
+   downloads into a dense index or a passage store are checked against their manifest's sha256, so
+   loads from the mirror check sizes only;
 2. the job runs on the mirror (every path under the remote run directory is mapped to the mirror
    by :meth:`RunDirMirror.localize`);
 3. :meth:`RunDirMirror.push` uploads what is new or changed, commit markers (every artifact's
@@ -74,9 +76,15 @@ class RunDirMirror:
                 out[p[len(self._root.rstrip("/")) + 1:]] = int(info.get("size") or 0)
         return out
 
-    def pull(self) -> int:
-        """Download what the mirror lacks; returns the number of files downloaded."""
+    def pull(self, *, verify: bool = True) -> int:
+        """Download what the mirror lacks; returns the number of files downloaded.
+
+        ``verify``: the downloaded files of a dense index or a passage store are checked against the
+        sha256 their manifest recorded (:func:`re2g.index.verify.verify_artifact`; loads then check
+        sizes only); a file that does not match is deleted from the mirror and is an
+        :class:`~re2g.errors.ArtifactError` naming it."""
         n = 0
+        fetched: dict[Path, list[str]] = {}
         for rel, size in self._remote_files().items():
             dst = Path(self.local, rel)
             if dst.exists() and dst.stat().st_size == size:
@@ -85,10 +93,33 @@ class RunDirMirror:
             tmp = dst.with_name(f".{dst.name}.part")
             self.fs.get_file(f"{self._root.rstrip('/')}/{rel}", str(tmp))
             tmp.replace(dst)
+            fetched.setdefault(dst.parent, []).append(dst.name)
             n += 1
         Path(self.local).mkdir(parents=True, exist_ok=True)
+        if verify:
+            self._verify(fetched)
         self._pulled_at = time.time()
         return n
+
+    def _verify(self, fetched: dict[Path, list[str]]) -> None:
+        """sha256 of the files just downloaded into checksummed artifacts (dense indexes, passage stores)."""
+        from re2g.errors import ArtifactError
+        from re2g.index.verify import CHECKED_KINDS, verify_artifact
+
+        for d, names in fetched.items():
+            if not any((d / f).is_file() for f in CHECKED_KINDS):
+                continue
+            try:
+                checks = verify_artifact(d, names)
+            except ArtifactError:
+                continue  # a manifest with no checksums (or not one of those kinds): nothing to check
+            bad = [c for c in checks if not c.ok]
+            for c in bad:
+                Path(c.artifact, c.file).unlink(missing_ok=True)  # the next pull downloads it again
+            if bad:
+                raise ArtifactError(f"{self.remote}: downloaded {Path(bad[0].artifact, bad[0].file)} does not match its "
+                                    f"manifest ({bad[0].status}: {bad[0].detail}); removed from the mirror"
+                                    + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
     def push(self) -> int:
         """Upload new or changed files of the mirror, commit markers last; returns the number uploaded."""

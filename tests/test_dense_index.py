@@ -334,15 +334,67 @@ def test_existing_out_dir_needs_overwrite(data, flat_sharded):
         build_dense_index(data["emb"], flat_sharded.path, cfg(exact=True), encoder_fingerprint=FP, use_ray=False)
 
 
-def test_flipped_byte_is_a_checksum_error(flat_sharded, tmp_path):
+def test_normal_load_hashes_no_file_and_verify_finds_a_flipped_byte(flat_sharded, tmp_path, monkeypatch):
+    """A byte changed mid-file (size and ends unchanged) loads normally: the load reads no file whole
+    (sha256 is never computed); ``verify=True`` and ``re2g index verify`` find it, naming the file."""
+    from typer.testing import CliRunner
+
+    from re2g import artifacts
+    from re2g.cli import app
+    from re2g.index.verify import verify_artifacts
+
     bad = tmp_path / "bad"
     shutil.copytree(flat_sharded.path, bad)
     f = bad / "shard_00001.faiss"
     raw = bytearray(f.read_bytes())
+    assert len(raw) > 2 * dense.ENDS_BYTES  # the flipped byte lies outside the ends a load hashes
     raw[len(raw) // 2] ^= 0xFF
     f.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match=r"shard_00001\.faiss.*checksum"):
-        DenseIndex.load(bad)
+
+    def no_full_hash(path, *a, **kw):
+        raise AssertionError(f"a normal load hashed {path} whole")
+
+    with monkeypatch.context() as m:
+        m.setattr(artifacts, "sha256_file", no_full_hash)
+        assert len(DenseIndex.load(bad)) == N
+    with pytest.raises(ArtifactError, match=r"shard_00001\.faiss: checksum mismatch"):
+        DenseIndex.load(bad, verify=True)
+
+    checks = verify_artifacts(bad)
+    assert {c.file: c.status for c in checks if not c.ok} == {"shard_00001.faiss": "mismatch"}
+    assert len(checks) == 9 and sum(c.ok for c in checks) == 8  # faiss, pids, vectors per shard
+    res = CliRunner().invoke(app, ["index", "verify", str(tmp_path)])
+    assert res.exit_code == 1, res.output
+    assert "mismatch bad/shard_00001.faiss  (sha256 " in res.output and "ok       bad/shard_00000.faiss" in res.output
+    good = CliRunner().invoke(app, ["index", "verify", str(flat_sharded.path)])
+    assert good.exit_code == 0 and good.output.count("ok ") == 9, good.output
+    empty = CliRunner().invoke(app, ["index", "verify", str(tmp_path / "nothing")])
+    assert empty.exit_code == 2 and "not a directory" in " ".join(empty.output.split())
+
+
+def test_truncated_or_swapped_shard_fails_a_normal_load(flat_sharded, tmp_path):
+    """Sizes and ends, checked at every load: a truncated file and two shards' files swapped (same
+    size: 1,000 vectors each) are refused, naming the file."""
+    trunc = tmp_path / "trunc"
+    shutil.copytree(flat_sharded.path, trunc)
+    v = trunc / "shard_00002.vectors.npy"
+    v.write_bytes(v.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=r"shard_00002\.vectors\.npy: shard vectors file is \d+ bytes, the "
+                                            r"manifest says \d+ \(truncated"):
+        DenseIndex.load(trunc)
+    from re2g.index.verify import verify_artifacts
+
+    assert [(c.file, c.status) for c in verify_artifacts(trunc) if not c.ok] == [("shard_00002.vectors.npy", "size")]
+
+    swap = tmp_path / "swap"
+    shutil.copytree(flat_sharded.path, swap)
+    a, b = swap / "shard_00000.faiss", swap / "shard_00002.faiss"
+    assert a.stat().st_size == b.stat().st_size
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    with pytest.raises(ArtifactError, match=r"shard_00000\.faiss: shard index file changed on disk"):
+        DenseIndex.load(swap)
 
 
 def test_missing_shard_file_is_clear(flat_sharded, tmp_path):
@@ -432,7 +484,8 @@ class FakeEncoder:
         return self.Q[[int(t[1:]) for t in texts]]
 
 
-def test_dense_retriever_with_passages(data, flat_sharded, tmp_path):
+def test_dense_retriever_with_passages(data, flat_sharded, tmp_path, monkeypatch):
+    monkeypatch.setenv("RE2G_CACHE", str(tmp_path / "cache"))  # a single Parquet file's store lives there
     passages = tmp_path / "passages.parquet"
     pq.write_table(pa.table({"pid": data["pids"], "title": [f"T{i}" for i in range(N)],
                              "text": [f"text {i}" for i in range(N)],

@@ -166,6 +166,13 @@ def test_split_knowledge_source_matches_split_page(ray_local, source, tmp_path):
     assert manifest["config"] == cfg.model_dump() and manifest["stats"]["passages"] == len(expected)
     assert stats.to_dict()["passages"] == len(expected) and stats.table().row_count >= 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ks.jsonl", "passages"]  # no temporary left
+    # the memory-mapped passage store is built with the artifact (and Parquet readers skip it)
+    from re2g.data.passage_store import PassageStore
+
+    store = PassageStore(out / "_store")
+    assert manifest["store"] == {"dir": "_store", "passages_fingerprint": store.manifest.fingerprints["passages"]}
+    assert list(store) == [p["pid"] for p in expected]
+    assert store[expected[3]["pid"]] == (expected[3]["title"], expected[3]["text"], expected[3]["wikipedia_id"])
 
     # an existing output is refused and left alone; overwrite replaces it
     with pytest.raises(ArtifactError, match="overwrite=True"):

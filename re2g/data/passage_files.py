@@ -5,7 +5,9 @@ A passages artifact is a Parquet file, or a directory of Parquet files with ``_m
 starting with ``_``). Columns are strings ``pid, title, text`` and an optional ``wikipedia_id``
 (null for corpora without pages). :func:`check_passage_schema` is the one check of that contract;
 every reader of passages (here, :mod:`re2g.index.embed`, :mod:`re2g.index.bm25`, the lookup below)
-goes through it. Splitting a knowledge source into passages is :mod:`re2g.data.passages`.
+goes through it. Splitting a knowledge source into passages is :mod:`re2g.data.passages`. The
+writers also build the memory-mapped passage store (``_store/``, :mod:`re2g.data.passage_store`) that
+:func:`load_passage_lookup` opens.
 """
 
 from __future__ import annotations
@@ -131,8 +133,21 @@ def write_passages(rows: Iterable[Passage | Mapping[str, Any]], out: str, *, ove
                 writer.write_table(passages_table(batch))
                 n += len(batch)
         fields = dict((manifest(n) if callable(manifest) else manifest) or {})
+        fields.update(store_fields(stage))
         write_manifest(stage.uri, passages_manifest(n, **fields))
     return n
+
+
+def store_fields(stage) -> dict:
+    """Build the memory-mapped passage store (:mod:`re2g.data.passage_store`) inside a staged
+    passages directory (local stages; a remote one gets its store where it is opened) and return the
+    passages manifest's ``store`` field (its directory and fingerprint)."""
+    if not stage.is_local:
+        return {}
+    from re2g.data.passage_store import STORE_DIR, write_passage_store
+
+    m = write_passage_store(stage.path, stage.local / STORE_DIR)
+    return {"store": {"dir": STORE_DIR, "passages_fingerprint": m.fingerprints["passages"]}}
 
 
 # --------------------------------------------------------------------------- reading
@@ -316,9 +331,20 @@ class PassageLookup(Mapping):
             yield self._keys[i].decode("utf-8")
 
 
-def load_passage_lookup(path: str) -> PassageLookup:
-    """``pid -> (title, text, wikipedia_id)`` (a :class:`PassageLookup`) from a passages Parquet
-    (file or directory) with columns ``pid, title, text`` (+ optional ``wikipedia_id``)."""
+def load_passage_lookup(path: str):
+    """``pid -> (title, text, wikipedia_id)`` for a passages Parquet (file or directory, path or URI):
+    its memory-mapped :class:`re2g.data.passage_store.PassageStore` (a read-only ``Mapping`` with
+    ``get_many``), which every process on a node shares. A store missing (passages written before
+    re2g built one) or stale is built once, with a warning (:func:`~re2g.data.passage_store.open_passage_store`)."""
+    from re2g.data.passage_store import open_passage_store
+
+    return open_passage_store(str(path))
+
+
+def read_passage_lookup(path: str) -> PassageLookup:
+    """The in-process :class:`PassageLookup` of a passages Parquet: the whole corpus read into this
+    process's memory (what every process held before the passage store; for comparison and for
+    tables that exist only in memory)."""
     try:
         table = open_passages_dataset(str(path)).to_table()
     except (pa.ArrowInvalid, OSError) as e:

@@ -55,6 +55,7 @@ from re2g.data.passage_files import (  # noqa: F401  (re-exported: the names cal
     passages_table,
     read_passages,
     staged_output_dir,
+    store_fields,
     write_passages,
 )
 from re2g.types import PID_PATTERN
@@ -441,10 +442,11 @@ def split_knowledge_source(source: str, out: str, cfg: PassageConfig | None = No
         stats = PassageStats(pages=scan.pages, passages=scan.passages, words_min=scan.words_min,
                              words_mean=round(scan.words_mean, 2), words_max=scan.words_max, skipped=n_bad,
                              seconds=0.0, source=str(source), out=str(out), report=report.to_dict())
+        store = store_fields(stage)  # the memory-mapped passage store, built once here
         stats.seconds = round(time.perf_counter() - t0, 2)
         write_manifest(stage.uri, passages_manifest(
             written, config=cfg.model_dump(mode="json"), counts={"pages": scan.pages, "skipped": n_bad},
-            source=str(source), stats=stats.to_dict()))
+            source=str(source), stats=stats.to_dict(), **store))
     if n_bad:
         log.warning("%s", report.summary())
     return stats

@@ -4,8 +4,10 @@ The artifact is a directory::
 
     manifest.json                 kind ``dense-index`` in the one manifest schema (re2g.artifacts):
                                   config, fingerprints.encoder, counts.vectors, checksums (sha256 of
-                                  every shard file), and dim, metric, transform (incl. the MIPS max
-                                  norm), quantization, HNSW params, shards
+                                  every shard file), sizes and ends_sha256 (bytes, and a hash of the
+                                  size and first/last 64 KiB, per file: what a normal load checks),
+                                  and dim, metric, transform (incl. the MIPS max norm), quantization,
+                                  HNSW params, shards
     config.yaml                   the IndexConfig that built it
     shard_00000.faiss             one faiss index per shard (shard-local ids 0..count-1)
     shard_00000.pids.parquet      the shard's pids, in shard-local id order
@@ -30,12 +32,12 @@ passage lookup of :mod:`re2g.data.passage_files`, so callers import everything f
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from re2g.artifacts import sha256_file
 from re2g.data.passage_files import PassageInfo, PassageLookup, load_passage_lookup  # noqa: F401  (re-exported)
 from re2g.errors import ArtifactError
 from re2g.index.dense_build import (  # noqa: F401  (re-exported)
@@ -47,11 +49,14 @@ from re2g.index.dense_build import (  # noqa: F401  (re-exported)
     scan_embeddings,
 )
 from re2g.index.dense_format import (  # noqa: F401  (re-exported)
+    ENDS_BYTES,
     FORMAT_VERSION,
     MANIFEST_NAME,
     DenseIndexInfo,
     ShardResult,
     check_fingerprint,
+    checked_file,
+    ends_sha256,
     l2_to_ip,
     manifest_view,
     merge_topk,
@@ -63,16 +68,16 @@ from re2g.index.dense_format import (  # noqa: F401  (re-exported)
 )
 from re2g.types import Hit
 
-def _verified_path(index_dir: Path, name: str, sha: str | None, verify: bool, what: str) -> Path:
-    p = index_dir / name
-    if not p.is_file():
-        raise ArtifactError(f"{p}: {what} file missing from dense index {index_dir}")
-    if verify and sha is not None:
-        got = sha256_file(p)
-        if got != sha:
-            raise ArtifactError(f"{p}: checksum mismatch ({what} file is corrupt or was changed): "
-                                f"sha256 {got}, manifest says {sha}")
-    return p
+log = logging.getLogger(__name__)
+_WARNED_NO_SIZES: set[str] = set()
+
+
+def _checked_path(index_dir: Path, name: str, manifest: dict, verify: bool, what: str) -> Path:
+    if not manifest.get("sizes") and str(index_dir) not in _WARNED_NO_SIZES:
+        _WARNED_NO_SIZES.add(str(index_dir))
+        log.warning("dense index %s records no file sizes (built before re2g recorded them): every file's "
+                    "sha256 is checked at load, which is slow at scale; rebuild the index for fast loads", index_dir)
+    return checked_file(index_dir, name, manifest, full=verify, what=what)
 
 
 class DenseShard:
@@ -93,19 +98,19 @@ class DenseShard:
         self._row_of: dict[str, int] | None = None
 
     @classmethod
-    def load(cls, index_dir: str | Path, entry: dict, manifest: dict, *, verify: bool = True,
+    def load(cls, index_dir: str | Path, entry: dict, manifest: dict, *, verify: bool = False,
              ef_search: int | None = None) -> "DenseShard":
-        """Load shard ``entry`` of the manifest; checks files exist and (``verify``) their sha256."""
+        """Load shard ``entry`` of the manifest; checks its files exist with the recorded sizes and
+        ends (:func:`~re2g.index.dense_format.checked_file`), and with ``verify`` their sha256 too."""
         import faiss
         import pyarrow.parquet as pq
 
         d = Path(index_dir)
-        sums = manifest.get("checksums") or {}
-        fpath = _verified_path(d, entry["file"], sums.get(entry["file"]), verify, "shard index")
-        ppath = _verified_path(d, entry["pid_file"], sums.get(entry["pid_file"]), verify, "shard pid")
+        fpath = _checked_path(d, entry["file"], manifest, verify, "shard index")
+        ppath = _checked_path(d, entry["pid_file"], manifest, verify, "shard pid")
         vpath = None
         if entry.get("vectors_file"):
-            vpath = _verified_path(d, entry["vectors_file"], sums.get(entry["vectors_file"]), verify, "shard vectors")
+            vpath = _checked_path(d, entry["vectors_file"], manifest, verify, "shard vectors")
         try:
             index = faiss.read_index(str(fpath))
         except Exception as e:
@@ -178,21 +183,19 @@ def hits_from_merged(merged: list[list[tuple[str, float]]],
                      passages: Mapping[str, PassageInfo] | None) -> list[list[Hit]]:
     """``(pid, score)`` lists -> ``Hit`` lists (source ``dpr``, 0-based ranks, passage fields when
     ``passages`` is given; a pid missing from it is an :class:`ArtifactError`)."""
-    out: list[list[Hit]] = []
-    for row in merged:
-        hits = []
-        for r, (pid, score) in enumerate(row):
-            if passages is None:
-                hits.append(Hit(pid, score, r, "dpr"))
-            else:
-                try:
-                    title, text, wid = passages[pid]
-                except KeyError:
-                    raise ArtifactError(f"pid {pid!r} from the dense index is not in the passage lookup "
-                                        "(index and passages come from different corpora?)") from None
-                hits.append(Hit(pid, score, r, "dpr", title, text, wid))
-        out.append(hits)
-    return out
+    if passages is None:
+        return [[Hit(pid, score, r, "dpr") for r, (pid, score) in enumerate(row)] for row in merged]
+    pids = [pid for row in merged for pid, _ in row]
+    if hasattr(passages, "get_many"):  # the passage store: one batched lookup for all the hits
+        infos = passages.get_many(pids)
+    else:
+        infos = [passages.get(pid) for pid in pids]
+    missing = [p for p, info in zip(pids, infos) if info is None]
+    if missing:
+        raise ArtifactError(f"pid {missing[0]!r} from the dense index is not in the passage lookup "
+                            "(index and passages come from different corpora?)")
+    it = iter(infos)
+    return [[Hit(pid, score, r, "dpr", *next(it)) for r, (pid, score) in enumerate(row)] for row in merged]
 
 
 class DenseIndex:
@@ -206,13 +209,16 @@ class DenseIndex:
         self.passages = passages
 
     @classmethod
-    def load(cls, index_dir: str | Path, *, expected_fingerprint: str | None = None, verify: bool = True,
+    def load(cls, index_dir: str | Path, *, expected_fingerprint: str | None = None, verify: bool = False,
              ef_search: int | None = None, expected_settings: Any = None,
              passages: Mapping[str, PassageInfo] | str | Path | None = None) -> "DenseIndex":
         """Load an index directory.
 
-        Checks the manifest, that every shard file exists, their sha256 (``verify``), and refuses an
-        index whose encoder fingerprint is not ``expected_fingerprint`` (when given). efSearch comes
+        Checks the manifest, that every shard file exists with the size and ends recorded at build
+        time (no file is hashed whole: a load stays fast at 60 GB), the vector counts, and refuses an
+        index whose encoder fingerprint is not ``expected_fingerprint`` (when given). ``verify``:
+        also every file's sha256 (what ``re2g index verify`` does; an index built before re2g
+        recorded sizes is always checked that way). efSearch comes
         from the manifest unless ``ef_search`` overrides it. ``passages``: a lookup
         ``pid -> (title, text, wikipedia_id)`` or a passages Parquet path, to fill hits' text.
         """

@@ -15,7 +15,8 @@ import numpy as np
 from re2g.artifacts import Manifest, sha256_file, staged_dir, write_manifest
 from re2g.config import IndexConfig, save_config
 from re2g.errors import DataFormatError
-from re2g.index.dense_format import KIND, DenseIndexInfo, manifest_view, mips_to_l2_passages, shard_bounds, shard_file_names
+from re2g.index.dense_format import (KIND, DenseIndexInfo, file_records, manifest_view, mips_to_l2_passages,
+                                    shard_bounds, shard_file_names)
 
 
 # =========================================================================== embeddings input
@@ -286,12 +287,16 @@ def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: Ind
             built = ray.get([remote.remote(*a) for a in args])
         else:
             built = [build_shard(*a) for a in args]
+        checksums = {name: sha for _, sums in built for name, sha in sums.items()}
+        sizes, ends = file_records(stage.local, sorted(checksums))  # what a normal load checks
         manifest = Manifest(
             kind=KIND,
             config=cfg_dict,
             fingerprints={"encoder": encoder_fingerprint},
             counts={"vectors": stats.count},
-            checksums={name: sha for _, sums in built for name, sha in sums.items()},
+            checksums=checksums,
+            sizes=sizes,
+            ends_sha256=ends,
             index_id=uuid.uuid4().hex,
             dim=stats.dim,
             index_dim=stats.dim + 1 if cfg.metric == "mips_l2" else stats.dim,

@@ -129,6 +129,66 @@ class DenseIndexInfo:
                    m["transform"].get("max_norm_sq"), m)
 
 
+# =========================================================================== files on disk
+
+ENDS_BYTES = 1 << 16  # bytes hashed at each end of a file by ends_sha256
+
+
+def ends_sha256(path: str | Path, size: int | None = None) -> str:
+    """sha256 of a file's size, its first and its last :data:`ENDS_BYTES` bytes (the whole file when
+    it is smaller): what a normal load checks, in microseconds, to refuse a file truncated, swapped
+    with another shard's or rewritten at either end. Every byte is checked by ``re2g index verify``."""
+    import hashlib
+
+    p = Path(path)
+    size = p.stat().st_size if size is None else size
+    h = hashlib.sha256(str(size).encode() + b"\0")
+    with open(p, "rb") as f:
+        h.update(f.read(ENDS_BYTES))
+        if size > ENDS_BYTES:
+            f.seek(max(ENDS_BYTES, size - ENDS_BYTES))
+            h.update(f.read(ENDS_BYTES))
+    return h.hexdigest()
+
+
+def file_records(directory: str | Path, names: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """``(sizes, ends)`` of files in ``directory``: bytes and :func:`ends_sha256` by file name (the
+    manifest's ``sizes`` and ``ends_sha256``, written at build time beside ``checksums``)."""
+    d = Path(directory)
+    sizes = {n: (d / n).stat().st_size for n in names}
+    return sizes, {n: ends_sha256(d / n, sizes[n]) for n in names}
+
+
+def checked_file(index_dir: str | Path, name: str, manifest: dict, *, full: bool, what: str) -> Path:
+    """The path of file ``name`` of a dense index, checked against its manifest: it exists, has the
+    recorded size and :func:`ends_sha256` (a normal load: no file is read whole), and, with ``full``
+    or for an index that records no sizes (built before re2g recorded them), its sha256. Anything
+    else is an :class:`ArtifactError` naming the file and what is wrong."""
+    from re2g.artifacts import sha256_file
+
+    d = Path(index_dir)
+    p = d / name
+    if not p.is_file():
+        raise ArtifactError(f"{p}: {what} file missing from dense index {d}")
+    sizes, ends = manifest.get("sizes") or {}, manifest.get("ends_sha256") or {}
+    if name in sizes:
+        got = p.stat().st_size
+        if got != int(sizes[name]):
+            raise ArtifactError(f"{p}: {what} file is {got} bytes, the manifest says {sizes[name]} "
+                                "(truncated, or replaced by another file)")
+        if name in ends and ends_sha256(p, got) != ends[name]:
+            raise ArtifactError(f"{p}: {what} file changed on disk: its first/last {ENDS_BYTES // 1024} KiB differ "
+                                f"from the build's (swapped with another shard's, or rewritten); "
+                                f"`re2g index verify {d}` checks every byte")
+    sha = (manifest.get("checksums") or {}).get(name)
+    if sha is not None and (full or name not in sizes):
+        got_sha = sha256_file(p)
+        if got_sha != sha:
+            raise ArtifactError(f"{p}: checksum mismatch ({what} file is corrupt or was changed): "
+                                f"sha256 {got_sha}, manifest says {sha}")
+    return p
+
+
 # =========================================================================== the manifest
 
 

@@ -74,12 +74,14 @@ def build_indexes(cfg: Re2GConfig, *, passages: str, embeddings: str | None, den
 
 
 def open_retrievers(cfg: Re2GConfig, *, passages: str, dense_dir: str | None, bm25_dir: str | None,
-                    query_encoder=None, verify: bool = True, dense_index=None) -> dict:
+                    query_encoder=None, verify: bool = False, dense_index=None) -> dict:
     """Open the retrievers that exist: ``bm25`` (needs ``bm25_dir``), ``dpr`` (needs ``dense_dir``
     and a ``query_encoder`` with ``embed_queries``; the index refuses an encoder whose fingerprint
     differs from the one it was built with) and ``hybrid`` (when both exist). ``dense_index``: an
     index opened already (e.g. ``re2g.index.shards.ActorShardedIndex``) to search instead of loading
-    ``dense_dir`` here."""
+    ``dense_dir`` here. ``verify``: check every dense index file's sha256 at load (else sizes and
+    ends only; ``re2g index verify`` checks checksums on demand). The passages are looked up in
+    their memory-mapped store (:func:`re2g.data.passage_files.load_passage_lookup`)."""
     from re2g.index.fusion import HybridRetriever
 
     out: dict = {}

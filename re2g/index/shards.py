@@ -39,7 +39,7 @@ from re2g.types import Hit
 class ShardActor:
     """A Ray actor holding one ``DenseShard`` (a thin wrapper: load once, then search)."""
 
-    def __init__(self, index_dir: str, entry: dict, manifest: dict, verify: bool = True,
+    def __init__(self, index_dir: str, entry: dict, manifest: dict, verify: bool = False,
                  ef_search: int | None = None, threads: int = 1):
         import faiss
 
@@ -88,7 +88,7 @@ class ActorShardedIndex:
         self.passages = passages
 
     @classmethod
-    def start(cls, index_dir: str | Path, *, expected_fingerprint: str | None = None, verify: bool = True,
+    def start(cls, index_dir: str | Path, *, expected_fingerprint: str | None = None, verify: bool = False,
               ef_search: int | None = None, num_cpus: float = 0.25, threads: int = 1,
               resources: dict[str, float] | None = None, spread: bool = True,
               name_prefix: str | None = None, namespace: str | None = None,
@@ -103,8 +103,10 @@ class ActorShardedIndex:
         ``get_if_exists`` an actor of that name already running is reused. ``detached`` actors
         outlive this driver. ``max_restarts``: Ray restarts a shard actor that died (its node lost,
         out of memory) up to that many times (-1: always), reloading the shard, and retries the
-        searches sent meanwhile (they only read). Raises :class:`ArtifactError` (missing/corrupt shard, fingerprint
-        mismatch); on error the actors started here are killed.
+        searches sent meanwhile (they only read). Each actor checks its shard's files by size and ends
+        (``verify``: by sha256 too; ``re2g index verify`` checks them on demand). Raises
+        :class:`ArtifactError` (missing/truncated/changed shard, fingerprint mismatch); on error the
+        actors started here are killed.
         """
         d = Path(index_dir).absolute()
         m = read_manifest(d)
@@ -185,7 +187,8 @@ class ActorShardedIndex:
         return int(self.manifest["total_count"])
 
     def attach_passages(self, passages: Mapping[str, PassageInfo] | str | Path) -> None:
-        """Fill hits' title/text/wikipedia_id (resolved in the caller, not in the actors)."""
+        """Fill hits' title/text/wikipedia_id (resolved in the caller, not in the actors; a path opens
+        the memory-mapped passage store, which pickles as its path)."""
         self.passages = passages if isinstance(passages, Mapping) else load_passage_lookup(passages)
 
     def set_ef_search(self, ef: int) -> None:
