@@ -330,3 +330,61 @@ def test_causal_beams_are_hf_beam_search_on_the_prompts(readers):
     got = beam_search(g, src, num_beams=3, num_return_sequences=2, max_new_tokens=4)   # (B*n_docs, 2)
     assert got[:3] == g.generate(QUERIES[:1], PASSAGES[:1], num_beams=3, num_return_sequences=2, max_new_tokens=4)[0]
     assert len(got) == 6 and all(len(r) == 2 for r in got)
+
+
+# --------------------------------------------------------------------------- the stage object, the pipeline, `re2g answer`
+
+
+@pytest.fixture(scope="module")
+def causal_dir(tiny_sample, tmp_path_factory):
+    """A tiny Llama reader of the ``tiny`` preset's sizes over the sample task's BPE tokenizer, saved."""
+    from re2g.config import load_config
+
+    tiny = load_config(preset="tiny").models.tiny.model_copy(update={"generator_arch": "llama"})
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("causal-reader") / "generator"
+    build_tiny_generator(tiny_sample / "tokenizers" / "bpe", tiny).save_pretrained(out)
+    return out
+
+
+def test_stage_object_and_pipeline_answer_with_a_causal_reader(tiny_run_dir, causal_dir):
+    from re2g import stages
+    from re2g.config import GenerationConfig
+    from re2g.models.decoding import Answer
+    from re2g.pipeline import Re2GPipeline
+
+    pipe = Re2GPipeline.from_run_dir(tiny_run_dir, generator=causal_dir)
+    assert isinstance(pipe.generator, stages.Generator) and isinstance(pipe.generator.model, CausalGenerator)
+    assert not pipe.generator.model.training
+    q = "Where was Palgo Drainne born?"
+    ans = pipe.answer(q)                                                    # RAG-Sequence (the run's config)
+    assert isinstance(ans, Answer) and ans.candidates and ans.answer == ans.candidates[0].text
+    assert len(ans.provenance) == 5 and sum(p.weight for p in ans.provenance) == pytest.approx(1.0, abs=1e-5)
+    reranked = pipe.rerank([q], pipe.retrieve([q]))
+    token = stages.Generator(pipe.generator.model, GenerationConfig(marginalization="token", token_num_beams=2,
+                                                                    max_new_tokens=6))
+    (t,) = token.generate([q], reranked)
+    assert t.candidates and t.answer == t.candidates[0].text and all(c.logprob <= 0 for c in t.candidates)
+    assert [p.pid for p in t.provenance] == [p.pid for p in ans.provenance]
+
+
+def test_re2g_answer_with_a_causal_reader(tiny_run_dir, causal_dir, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from re2g.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("generator"))
+    shutil.copytree(causal_dir, run / "models" / "generator")
+    res = CliRunner().invoke(app, ["answer", "Who employed the banker?", "--run", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["query"] == "Who employed the banker?" and isinstance(out["answer"], str)
+    assert out["candidates"] and len(out["provenance"]) == 5
+    from re2g.pipeline import Re2GPipeline        # the answer is the causal reader's (the pipeline's, in process)
+
+    want = Re2GPipeline.from_run_dir(tiny_run_dir, generator=causal_dir).answer("Who employed the banker?")
+    assert [c["text"] for c in out["candidates"]] == [c.text for c in want.candidates]
