@@ -65,6 +65,6 @@ def test_benchmarks_write_figures_and_ratios(bench_dirs, ray_local):
 
     d = _load(passage_lookup.main(bench_dirs[:-2] + ["--lookups", "2000"]))  # (no --repeats)
     assert d["results"]["same_texts"] is True
-    assert set(d["results"]["variants"]) == {"dict", "PassageLookup"}
+    assert set(d["results"]["variants"]) == {"dict", "PassageLookup", "PassageStore"}
     assert all(v["lookups_per_s"] > 0 and v["passages"] > 400 for v in d["results"]["variants"].values())
     assert "dict / PassageLookup (memory)" in d["ratios"]

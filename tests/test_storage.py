@@ -75,3 +75,28 @@ def test_remote_run_dir_missing_input_is_a_clear_error(tmp_path, monkeypatch, mi
     fsspec.filesystem("memory").pipe("memory://bucket-empty/run/passages/_manifest.json", b"{}")
     assert build_index.main(["--preset", "tiny", "--set", "run_dir=memory://bucket-empty/run", "--no-bm25"]) == 2
     assert missing in capsys.readouterr().err
+
+
+def test_pull_verifies_checksummed_files_it_downloads(tmp_path):
+    """A passage store (or dense index) file that arrives different from its manifest's sha256 is
+    refused by name and removed from the mirror; the next pull downloads it again."""
+    from re2g.data.passage_files import load_passage_lookup, write_passages
+    from re2g.errors import ArtifactError
+
+    src = tmp_path / "src" / "passages"
+    write_passages([{"pid": f"p{i}", "title": f"T{i}", "text": f"text {i}", "wikipedia_id": None} for i in range(50)],
+                   str(src))
+    fs = fsspec.filesystem("memory")
+    root = "memory://verify-test/run"
+    files = {f"{root}/passages/{p.relative_to(src).as_posix()}": p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    good = files[f"{root}/passages/_store/pids.npy"]
+    bad = bytearray(good)
+    bad[-1] ^= 0x01  # same size
+    fs.pipe({**files, f"{root}/passages/_store/pids.npy": bytes(bad)})
+    m = RunDirMirror(root, cache_root=tmp_path / "cache")
+    with pytest.raises(ArtifactError, match=r"passages/_store/pids\.npy does not match its manifest \(mismatch: sha256"):
+        m.pull()
+    assert not Path(m.local, "passages", "_store", "pids.npy").exists()
+    fs.pipe(f"{root}/passages/_store/pids.npy", good)
+    assert m.pull() == 1
+    assert load_passage_lookup(m.localize(f"{root}/passages"))["p7"] == ("T7", "text 7", None)
