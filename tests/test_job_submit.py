@@ -114,8 +114,9 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_head():
-    """`ray start --head --block` with token auth, 2 CPUs, an `index_node` resource, unique ports/temp dir."""
+def head_booting():
+    """`ray start --head --block` with token auth, 2 CPUs, an `index_node` resource, unique ports/temp dir:
+    started, not yet answering (``local_head`` waits for it; ``tiny_inputs`` is built meanwhile)."""
     token = secrets.token_hex(32)
     temp_dir = tempfile.mkdtemp(prefix="r2gh", dir="/tmp")   # short: Ray's unix socket paths live below
     log = Path(temp_dir) / "ray-start.log"
@@ -134,46 +135,46 @@ def local_head():
            "--disable-usage-stats"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    head = LocalHead(f"http://127.0.0.1:{dash}", env, temp_dir, proc, log)
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            r = head.run("job", "list", "--address", head.address, timeout=60)
-            if r.returncode == 0:
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"the head's job API never answered:\n{r.stderr[-2000:]}\n"
-                                   f"{log.read_text()[-2000:]}")
-            time.sleep(2)
-        yield head
+        yield LocalHead(f"http://127.0.0.1:{dash}", env, temp_dir, proc, log)
     finally:
         _stop_head(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_inputs(tmp_path_factory):
-    """Tiny sample -> passages (one process, no Ray) and untrained tiny models, outside any run dir."""
-    from re2g.config import PassageConfig, SampleConfig, load_config
+def local_head(head_booting, tiny_inputs):
+    """The head of ``head_booting`` once its job API answers (``tiny_inputs`` is built while it starts)."""
+    head, proc, log = head_booting, head_booting.proc, head_booting.log
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        r = head.run("job", "list", "--address", head.address, timeout=60)
+        if r.returncode == 0:
+            return head
+        if time.time() > deadline:
+            raise RuntimeError(f"the head's job API never answered:\n{r.stderr[-2000:]}\n"
+                               f"{log.read_text()[-2000:]}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(head_booting, tiny_sample, tiny_models, tmp_path_factory):
+    """The session's tiny sample -> passages (one process, no Ray), and its untrained tiny models; built while
+    the head starts."""
+    from re2g.config import PassageConfig
     from re2g.data.passages import split_page, write_passages
-    from re2g.models.init import init_models
 
     root = tmp_path_factory.mktemp("submit")
-    from re2g.data.sample import generate_sample
-
-    generate_sample(root / "sample", SampleConfig(size="tiny"), progress=False)
 
     def rows():
-        with open(root / "sample" / "knowledge_source.jsonl") as f:
+        with open(tiny_sample / "knowledge_source.jsonl") as f:
             for line in f:
                 yield from split_page(json.loads(line), PassageConfig())
 
     n = write_passages(rows(), str(root / "passages"))
-    models = init_models(load_config(preset="tiny").models, root / "models",
-                         tokenizers_dir=root / "sample" / "tokenizers")
-    return {"root": root, "passages": root / "passages", "count": n, "biencoder": models["biencoder"]}
+    return {"root": root, "passages": root / "passages", "count": n, "biencoder": tiny_models["biencoder"]}
 
 
 def _job_output(proc: subprocess.CompletedProcess) -> dict:
