@@ -6,6 +6,12 @@ Here, and only here, the side effects of starting a stage: the dense index built
 (:func:`start_generator`, :func:`start_reranker`), BM25 retrieved once for every training and dev
 query, the index-shard actors started and stopped; then ``re2g.train.api.run_stage`` trains and
 evaluates. Models go to ``RUN_DIR/models/generator`` (stage 2) and ``RUN_DIR/models/e2e-<option>``.
+
+The generator is either kind. Built from config (``models.generator`` unset), its kind is the tiny
+config's (``models.tiny.generator_arch``: bart -> seq2seq, llama -> causal): the untrained one is
+``RUN_DIR/models/init/generator``, or ``init/generator-<kind>`` when that directory holds the other
+kind (a run set up for BART can train a causal reader beside it); stage 4 refuses a stage-2
+generator of another kind than the config asks for.
 """
 
 from __future__ import annotations
@@ -107,14 +113,39 @@ def _init_model(cfg, inputs, name: str) -> str:
         from re2g.models.init import init_models
 
         tok = Path(inputs.tokenizer).parent if inputs.tokenizer else None
-        init_models(cfg.models, d.parent, tokenizers_dir=tok, which=(name,))
+        base = name.split("-")[0]          # generator-<kind>: built as "generator" aside, then renamed
+        if base == name:
+            init_models(cfg.models, d.parent, tokenizers_dir=tok, which=(name,))
+        else:
+            import shutil
+
+            aside = d.parent / f".build-{name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            init_models(cfg.models, aside, tokenizers_dir=tok, which=(base,))[base].rename(d)
+            shutil.rmtree(aside, ignore_errors=True)
     return str(d)
+
+
+def config_generator_kind(models_cfg) -> str:
+    """The generator kind a config builds when ``models.generator`` is unset: ``models.generator_kind``
+    if set, else the tiny architecture's (bart: seq2seq, llama: causal)."""
+    if models_cfg.generator_kind != "auto":
+        return models_cfg.generator_kind
+    return "causal" if models_cfg.tiny.generator_arch == "llama" else "seq2seq"
+
+
+def _kind_of(path: Path) -> str:
+    from re2g.models.causal import checkpoint_kind
+
+    return checkpoint_kind(path)
 
 
 def start_generator(cfg, inputs) -> str:
     """Where stage 2 starts: ``models.generator`` if set, else ``RUN_DIR/models/init/generator``; an
     untrained ``RUN_DIR/models/generator`` (``re2g init-models RUN_DIR/models``) is moved there first,
-    as stage 2 writes its output to ``RUN_DIR/models/generator``. Built from config when none exists."""
+    as stage 2 writes its output to ``RUN_DIR/models/generator``. Built from config when none exists;
+    when it holds another generator kind than the config builds (:func:`config_generator_kind`),
+    ``RUN_DIR/models/init/generator-<kind>`` instead."""
     if cfg.models.generator is not None:
         return cfg.models.generator
     out, init = Path(_layout(cfg).model("generator")), Path(_layout(cfg).model("init")) / "generator"
@@ -125,7 +156,29 @@ def start_generator(cfg, inputs) -> str:
 
         with staged_dir(init) as staging:       # a crash mid-copy leaves no half-copied init model that loads
             shutil.copytree(out, staging.path, dirs_exist_ok=True)
+    want = config_generator_kind(cfg.models)
+    if init.is_dir() and _kind_of(init) != want:
+        return _init_model(cfg, inputs, f"generator-{want}")
     return _init_model(cfg, inputs, "generator")
+
+
+def e2e_start_generator(cfg, inputs, stage2: Path) -> str:
+    """Where stage 4's generator starts: ``train.e2e.generator``, else stage 2's (``stage2``), else the
+    untrained one (:func:`start_generator`). With ``models.generator`` unset, a stage-2 generator of
+    another kind than the config builds is a :class:`ConfigError` (training the other kind by mistake)."""
+    c = cfg.train.e2e
+    if c.generator:
+        return c.generator
+    if not stage2.is_dir():
+        return start_generator(cfg, inputs)
+    if cfg.models.generator is None and _kind_of(stage2) != config_generator_kind(cfg.models):
+        from re2g.errors import ConfigError
+
+        raise ConfigError(f"{stage2}: stage 2's generator is {_kind_of(stage2)} but the config builds a "
+                          f"{config_generator_kind(cfg.models)} one (models.tiny.generator_arch="
+                          f"{cfg.models.tiny.generator_arch}, models.generator_kind={cfg.models.generator_kind}); "
+                          "run `re2g train generator` with this config first, or set train.e2e.generator")
+    return str(stage2)
 
 
 def start_reranker(cfg, inputs) -> str:
@@ -182,10 +235,11 @@ def train_generator(cfg, *, inputs=None, fail_once_at_step: int | None = None, l
                                 dev=_dev(gold), lr=c.lr, weight_decay=c.weight_decay, index=handle, biencoder_dir=bi,
                                 generator_dir=gen, gold=gold, generation=cfg.generation, marginalization=kind,
                                 query_encoder_lr=c.query_encoder_lr, n_docs=c.n_docs,
-                                train_query_encoder=c.train_query_encoder, reinit_std=c.reinit_std)
+                                train_query_encoder=c.train_query_encoder, reinit_std=c.reinit_std, lora=c.lora)
         log(f"[generator] {len(examples)} training examples, DPR top-{c.n_docs} from {handle.num_shards} shard "
             f"actors, RAG-{kind.capitalize()}; bi-encoder {bi}, generator {gen}"
-            + (f" (weights redrawn, std {c.reinit_std})" if c.reinit_std else ""))
+            + (f" (weights redrawn, std {c.reinit_std})" if c.reinit_std else "")
+            + (f", LoRA r={c.lora.r}" if c.lora.enabled else ""))
         return run_stage(cfg, stage, plan, _with_eval_every(c, plan, cfg.train.num_workers), inputs,
                          fail_once_at_step=fail_once_at_step, log=log,
                          data_info={"train_examples": len(examples), "micro_batches": len(plan.rows),
@@ -216,7 +270,7 @@ def train_e2e(cfg, *, query_encoder: str | None = None, inputs=None, fail_once_a
     dense_dir = c.dense_index or layout.dense_index
     ensure_dense_index(cfg, inputs, dense_dir, c.biencoder, log=log)
     bi = _biencoder_for_index(cfg, c.biencoder, dense_dir, prefer=[str(stage2 / "biencoder")])
-    gen = c.generator or (str(stage2) if stage2.is_dir() else start_generator(cfg, inputs))
+    gen = e2e_start_generator(cfg, inputs, stage2)
     rr = c.reranker or start_reranker(cfg, inputs)
     r = cfg.retrieval
     examples = training_examples(inputs.train_file)
@@ -234,10 +288,10 @@ def train_e2e(cfg, *, query_encoder: str | None = None, inputs=None, fail_once_a
                          generator_dir=gen, reranker_dir=rr, gold=gold, generation=cfg.generation,
                          marginalization=kind, query_encoder_lr=c.query_encoder_lr, reranker_lr=c.reranker_lr,
                          option=option, retrieval=r, temperature=c.distill_temperature,
-                         distill_weight=c.distill_weight, dev_bm25=dev_bm25)
+                         distill_weight=c.distill_weight, dev_bm25=dev_bm25, lora=c.lora)
         log(f"[e2e-{option}] {len(examples)} training examples; DPR top-{r.dpr_top_k} ({handle.num_shards} shard "
             f"actors) + BM25 top-{r.bm25_top_k} -> reranker top-{r.rerank_top_k} -> RAG-{kind.capitalize()}; "
-            f"bi-encoder {bi}, reranker {rr}, generator {gen}")
+            f"bi-encoder {bi}, reranker {rr}, generator {gen}" + (f", LoRA r={c.lora.r}" if c.lora.enabled else ""))
         return run_stage(cfg, stage, plan, _with_eval_every(c, plan, cfg.train.num_workers), inputs,
                          fail_once_at_step=fail_once_at_step, log=log,
                          data_info={"train_examples": len(examples), "micro_batches": len(plan.rows),

@@ -3,7 +3,9 @@
 :class:`GenerationStage` (stage 2, RAG) and :class:`E2EStage` (stage 4, end to end) build and load
 :class:`~re2g.train.rag_model.Re2GModel`, give the loop its optimizer groups, the loss of a
 micro-batch (:mod:`re2g.train.rag_steps`) and the dev metrics (:mod:`re2g.train.rag_eval`); a
-checkpoint's dev metrics are written beside it (``eval.json``). :func:`plan_examples` makes the
+checkpoint's dev metrics are written beside it (``eval.json``). The generator is either kind
+(seq2seq or causal LM, read as ``models`` says); with ``lora.enabled`` it gets LoRA adapters
+(:mod:`re2g.models.lora`) and only they train (its base weights have no gradient). :func:`plan_examples` makes the
 micro-batches of ``{"id", "query", "target", ["bm25"]}`` examples.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from re2g.config import GenerationConfig, RetrievalConfig
+from re2g.config import GenerationConfig, LoraTrainConfig, RetrievalConfig
 from re2g.train.rag_eval import evaluate_e2e, evaluate_rag
 from re2g.train.rag_model import Re2GModel, load_generator_dir, reinit_weights
 from re2g.train.rag_steps import IndexHandle, StepParts, e2e_step, rag_step
@@ -33,6 +35,7 @@ class _GenStageBase(StageBase):
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     marginalization: str = "sequence"
     query_encoder_lr: float | None = None
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     dev_metric: str = "dev_em"
     _last_eval: dict | None = None
 
@@ -40,6 +43,23 @@ class _GenStageBase(StageBase):
 
     def _index(self):
         return self.index.open()
+
+    def _generator(self, reinit_std: float | None = None):
+        """The starting generator (either kind), weights redrawn when ``reinit_std``, then wrapped in
+        LoRA adapters when ``lora.enabled``."""
+        gen = load_generator_dir(self.generator_dir, self.generation, self.models)
+        if reinit_std:
+            reinit_weights(gen.model, reinit_std)
+        if self.lora.enabled:
+            from re2g.models.lora import apply_lora
+
+            apply_lora(gen, self.lora, base=self.generator_dir)
+        return gen
+
+    def _load(self, directory: str | Path, *, frozen_query_encoder: bool) -> Re2GModel:
+        """A saved checkpoint's models (a LoRA generator's adapter, if kept, merged into its base)."""
+        return Re2GModel.from_pretrained(directory, frozen_query_encoder=frozen_query_encoder,
+                                         generation=self.generation, models=self.models)
 
     def save(self, model, directory: str | Path) -> None:
         """The models, and the dev metrics of this step (when evaluated) beside the checkpoint."""
@@ -57,7 +77,8 @@ class _GenStageBase(StageBase):
 
 @dataclass
 class GenerationStage(_GenStageBase):
-    """Stage 2 -- RAG: query encoder + BART on the target outputs, passages from the fixed index."""
+    """Stage 2 -- RAG: query encoder + generator (BART or a causal LM) on the target outputs, passages from
+    the fixed index."""
 
     name: str = "generator"
     n_docs: int = 5
@@ -68,15 +89,11 @@ class GenerationStage(_GenStageBase):
     def build(self) -> torch.nn.Module:
         from re2g.models.encoders import BiEncoder
 
-        gen = load_generator_dir(self.generator_dir, self.generation)
-        if self.reinit_std:
-            reinit_weights(gen.model, self.reinit_std)
-        return Re2GModel(BiEncoder.from_pretrained(self.biencoder_dir), gen,
-                         frozen_query_encoder=not self.train_query_encoder)
+        return Re2GModel(BiEncoder.from_pretrained(self.biencoder_dir), self._generator(self.reinit_std),
+                         frozen_query_encoder=not self.train_query_encoder, lora_merge=self.lora.merge_on_save)
 
     def load(self, directory: str | Path) -> torch.nn.Module:
-        return Re2GModel.from_pretrained(directory, frozen_query_encoder=not self.train_query_encoder,
-                                         generation=self.generation)
+        return self._load(directory, frozen_query_encoder=not self.train_query_encoder)
 
     def param_groups(self, module: torch.nn.Module) -> list[dict]:
         return (param_groups(module.generator, self.lr, self.weight_decay)
@@ -119,14 +136,12 @@ class E2EStage(_GenStageBase):
         from re2g.models.encoders import BiEncoder
         from re2g.models.reranker import CrossEncoder
 
-        return Re2GModel(BiEncoder.from_pretrained(self.biencoder_dir),
-                         load_generator_dir(self.generator_dir, self.generation),
+        return Re2GModel(BiEncoder.from_pretrained(self.biencoder_dir), self._generator(),
                          CrossEncoder.from_pretrained(self.reranker_dir),
-                         frozen_query_encoder=self.option == "frozen")
+                         frozen_query_encoder=self.option == "frozen", lora_merge=self.lora.merge_on_save)
 
     def load(self, directory: str | Path) -> torch.nn.Module:
-        return Re2GModel.from_pretrained(directory, frozen_query_encoder=self.option == "frozen",
-                                         generation=self.generation)
+        return self._load(directory, frozen_query_encoder=self.option == "frozen")
 
     def param_groups(self, module: torch.nn.Module) -> list[dict]:
         groups = (param_groups(module.generator, self.lr, self.weight_decay)
