@@ -388,3 +388,16 @@ def test_re2g_answer_with_a_causal_reader(tiny_run_dir, causal_dir, tmp_path):
 
     want = Re2GPipeline.from_run_dir(tiny_run_dir, generator=causal_dir).answer("Who employed the banker?")
     assert [c["text"] for c in out["candidates"]] == [c.text for c in want.candidates]
+
+
+def test_causal_scoring_over_the_prompts_cache_equals_one_pass_per_pair(causal):
+    from re2g.models.decoding import encode_sources, score_targets
+
+    src = encode_sources(causal, QUERIES, DOCS)                       # 4 prompts of different lengths
+    rows = [0, 1, 2, 3, 3, 0, 2]                                      # rows repeat: the cache rows are copied
+    targets = ["king3", "the river5", "town12 was founded", "king2", "", "king3 founded the city", "river"]
+    cached = score_targets(causal, src, rows, targets, batch_size=3)
+    plain = score_targets(causal, src, rows, targets, batch_size=3, use_cache=False)
+    assert torch.allclose(cached, plain, atol=1e-10, rtol=0) and (cached < 0).all()
+    hand = _hand_logprobs(causal, [QUERIES[r // 2] for r in rows], [[DOCS[r // 2][r % 2]] for r in rows], targets)
+    assert torch.allclose(cached, hand.sum((1, 2)).float(), atol=1e-5)

@@ -43,6 +43,7 @@ generator directory reads either kind.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import string
 from collections.abc import Mapping, Sequence
@@ -362,9 +363,11 @@ class CausalGenerator(torch.nn.Module):
         return [texts[i * r:(i + 1) * r] for i in range(len(src.ids))]
 
     def score_targets(self, src: CausalPrompts, rows: Sequence[int], targets: Sequence[str], *,
-                      batch_size: int = 128) -> torch.Tensor:
-        """log p(targets[p] | prompt_{rows[p]}) for every pair p, (P,): prompt + target in one pass,
-        ``batch_size`` pairs per pass, only the target positions' logits computed; no gradient."""
+                      batch_size: int = 128, use_cache: bool = True) -> torch.Tensor:
+        """log p(targets[p] | prompt_{rows[p]}) for every pair p, (P,), teacher-forced, no gradient,
+        ``batch_size`` pairs per pass. The prompts run once (their KV cache and the first target token's
+        distribution kept) and each pair runs only its target over its prompt's cache;
+        ``use_cache=False``: prompt + target in one pass per pair (:meth:`pair_logprobs`)."""
         P = len(targets)
         out = torch.empty(P)
         if P == 0:
@@ -376,12 +379,47 @@ class CausalGenerator(torch.nn.Module):
         rows = list(rows)
         bs = max(1, int(batch_size))
         with eval_mode(self), torch.inference_mode():
+            first, cache = self._prompt_states(src) if use_cache else (None, None)
             for s in range(0, P, bs):
                 tmask = tmask_all[s:s + bs]
                 T = int(tmask.sum(-1).max())
-                lp = self.pair_logprobs([src.ids[r] for r in rows[s:s + bs]], labels_all[s:s + bs, :T], tmask[:, :T])
+                labels = labels_all[s:s + bs, :T]
+                if use_cache:
+                    lp = self._continuation_logprobs(src, first, cache, rows[s:s + bs], labels, tmask[:, :T])
+                else:
+                    lp = self.pair_logprobs([src.ids[r] for r in rows[s:s + bs]], labels, tmask[:, :T])
                 out[s:s + len(tmask)] = lp.sum(-1).float().cpu()
         return out
+
+    def _prompt_states(self, src: CausalPrompts):
+        """The prompts through the model once: log p(first token | prompt) (N, V) and the KV cache (N rows)."""
+        from transformers.cache_utils import DynamicCache
+
+        kwargs = dict(input_ids=src.input_ids, attention_mask=src.attention_mask,
+                      position_ids=_positions(src.attention_mask), past_key_values=DynamicCache(), use_cache=True)
+        if self._keeps_logits():
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        return torch.log_softmax(_wide(out.logits[:, -1]), -1), out.past_key_values
+
+    def _continuation_logprobs(self, src: CausalPrompts, first: torch.Tensor, cache, rows: Sequence[int],
+                               labels: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
+        """log p(labels[i, t] | prompt_{rows[i]}, labels[i, <t]) (p, T), 0 at padding, over the prompts'
+        ``cache`` (its rows selected into a new cache, the original unchanged)."""
+        dev = self.device
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=dev)
+        labels, tmask = labels.to(dev), tmask.to(dev).bool()                          # (p, T)
+        token_lp = first[idx].gather(-1, labels[:, :1])                               # (p, 1)
+        T = labels.shape[1]
+        if T > 1:
+            pmask = src.attention_mask[idx]                                           # (p, S)
+            mask = torch.cat([pmask, tmask[:, :-1].long()], 1)                        # (p, S + T - 1)
+            pos = pmask.sum(-1, keepdim=True) + torch.arange(T - 1, device=dev)       # (p, T - 1)
+            logits = self.model(input_ids=labels[:, :-1], attention_mask=mask, position_ids=pos,
+                                past_key_values=select_cache_rows(cache, idx), use_cache=True).logits
+            rest = torch.log_softmax(_wide(logits), -1).gather(-1, labels[:, 1:, None]).squeeze(-1)  # (p, T - 1)
+            token_lp = torch.cat([token_lp, rest], 1)
+        return torch.where(tmask, token_lp, torch.zeros_like(token_lp))
 
     def token_steps(self, src: CausalPrompts, *, use_cache: bool = True) -> CausalSteps:
         """A next-token stepper over the prompts (RAG-Token decoding), see :class:`CausalSteps`."""
@@ -429,6 +467,18 @@ class CausalGenerator(torch.nn.Module):
         kwargs = {k: meta[k] for k in _SETTINGS if meta and k in meta}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model, tok, **kwargs)
+
+
+def select_cache_rows(cache, idx: torch.Tensor):
+    """A cache holding rows ``idx`` (R,) of ``cache`` (rows may repeat); ``cache`` itself is left as it is
+    (its layers are copied shallowly and reordered: reordering replaces their tensors, never writes them)."""
+    if hasattr(cache, "layers"):
+        c = copy.copy(cache)
+        c.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        c = copy.deepcopy(cache)
+    c.reorder_cache(idx)
+    return c
 
 
 class CausalSteps:

@@ -164,11 +164,12 @@ def _copy_kwargs(generator, source_ids: torch.Tensor) -> dict:
 
 
 def score_targets(generator, src, rows: Sequence[int], targets: Sequence[str], *,
-                  batch_size: int = 128) -> torch.Tensor:
+                  batch_size: int = 128, use_cache: bool = True) -> torch.Tensor:
     """log p(targets[p] | s_{rows[p]}) for every pair p, (P,), teacher-forced over the prepared sources
     (``generator.score_targets``: the same numbers as ``forward_logprobs`` summed over the target),
-    ``batch_size`` pairs per pass."""
-    return generator.score_targets(src, rows, targets, batch_size=batch_size)
+    ``batch_size`` pairs per pass; ``use_cache``: a causal LM scores targets over its prompts' KV cache
+    (False: prompt + target in one pass)."""
+    return generator.score_targets(src, rows, targets, batch_size=batch_size, use_cache=use_cache)
 
 
 def _pairs(texts: Sequence[str], origin: torch.Tensor | None, n_docs: int) -> list[tuple[int, int]]:
@@ -217,7 +218,7 @@ def _rag_sequence_group(generator, queries, passages_per_query, scores, *, num_b
         spans.append((len(rows), pairs))
         rows += [b * n_docs + j for _, j in pairs]
         targets += [texts[c] for c, _ in pairs]
-    lp = score_targets(generator, src, rows, targets, batch_size=batch_size)  # (P,)
+    lp = score_targets(generator, src, rows, targets, batch_size=batch_size, use_cache=use_cache)  # (P,)
     answers = []
     for b, q in enumerate(queries):
         texts, _ = pooled[b]
@@ -241,7 +242,7 @@ def rag_sequence_decode(generator, queries: Sequence[str], passages_per_query: S
     (softmax-normalized here; None: uniform). Queries may have different passage counts. Each
     passage count's queries are computed together (:func:`_rag_sequence_group`); ``batch_size``:
     (candidate, passage) pairs per rescoring pass; ``use_cache=False``: beam search without the KV cache
-    (the reference the cached search is tested against)."""
+    and a causal LM's rescoring without its prompts' cache (the reference the cached path is tested against)."""
     return _batched_decode(_rag_sequence_group, generator, list(queries), passages_per_query, doc_scores,
                            num_beams=num_beams, num_return_sequences=num_return_sequences,
                            max_new_tokens=max_new_tokens, fast=fast, batch_size=batch_size, use_cache=use_cache)

@@ -247,12 +247,13 @@ class Generator(torch.nn.Module):
         return [texts[i * r:(i + 1) * r] for i in range(src.input_ids.shape[0])]
 
     def score_targets(self, src: EncodedSources, rows: Sequence[int], targets: Sequence[str], *,
-                      batch_size: int = 128) -> torch.Tensor:
+                      batch_size: int = 128, use_cache: bool = True) -> torch.Tensor:
         """log p(targets[p] | s_{rows[p]}) for every pair p, (P,): teacher-forced, the decoder alone over
         the encoder states ``src`` (the same numbers as :meth:`forward_logprobs` summed over the target).
         ``batch_size`` pairs per decoder pass, each pass cut to its longest source and target. (The
         cross-attention keys/values are projected per pair: projecting them once per source and gathering
-        them per pair measured slower with the tiny model, the copies costing what it saved.)"""
+        them per pair measured slower with the tiny model, the copies costing what it saved.) ``use_cache``
+        is the causal generator's switch: teacher forcing over encoder states has no cache to use."""
         from transformers.models.bart.modeling_bart import shift_tokens_right
 
         model = self.model
