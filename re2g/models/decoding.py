@@ -3,21 +3,32 @@
 Every query comes with its passages (the reranker's top-k, in order) and one score per passage;
 the passage weights are p(z_j | x) = softmax(scores) (:func:`re2g.models.marginalize.doc_log_weights`).
 
-* **RAG-Sequence** (:func:`rag_sequence_decode`): beam search on every s_j = passage_j [SEP] query
-  (the model's ``generate`` with ``num_return_sequences``), candidates pooled (deduplicated by text), then
-  each candidate y scored log p(y|x) = log Σ_j p(z_j|x) p(y|s_j):
+Both generator kinds decode here, through the few methods each class has (no branches on the kind):
+``prepare_sources`` (seq2seq: every s_j through the encoder once; causal LM: every prompt tokenized once,
+left-padded), ``beam_search`` (the model's own ``generate``), ``score_targets`` (teacher-forced
+log p(y|s_j) of (row, target) pairs) and ``token_steps`` (a next-token stepper over a KV cache):
+:class:`re2g.models.generator.Generator` and :class:`re2g.models.causal.CausalGenerator`.
+
+* **RAG-Sequence** (:func:`rag_sequence_decode`): beam search on every s_j (passage_j [SEP] query, or the
+  causal LM's prompt; the model's ``generate`` with ``num_return_sequences``), candidates pooled
+  (deduplicated by text), then each candidate y scored log p(y|x) = log Σ_j p(z_j|x) p(y|s_j):
   ``thorough`` computes p(y|s_j) for every candidate and every passage (teacher-forced);
   ``fast`` (the RAG paper's approximation) computes it only for the passages whose beams produced y
   and takes p(y|s_j) = 0 elsewhere -- n_docs times fewer scored pairs.
-  Every s_j goes through the encoder once (:func:`encode_sources`): the beam search and the rescoring
-  (the decoder alone, :func:`score_targets`) both read those states, for all queries of a batch at once.
+  Every source is prepared once (:func:`encode_sources`) for all queries of a batch: a seq2seq beam
+  search and rescoring (the decoder alone, :func:`score_targets`) both read the encoder states; a
+  causal LM's rescoring runs the prompts once and each pair's target over its prompt's KV cache.
 * **RAG-Token** (:func:`rag_token_generate`): one left-to-right search over the marginal next-token
-  distribution log Σ_j p(z_j|x) p(y_t | s_j, y_<t); every hypothesis runs the decoder against all
-  n_docs encoder outputs (encoded once). Greedy for ``num_beams=1``, else beam search on summed
+  distribution log Σ_j p(z_j|x) p(y_t | s_j, y_<t); every hypothesis is continued under all n_docs
+  sources, each (hypothesis, passage) row with its own KV cache (seq2seq: decoder self-attention, the
+  cross-attention keys/values projected once; causal LM: the prompt run once), reordered with the beams,
+  so a step feeds one token per row. Greedy for ``num_beams=1``, else beam search on summed
   log-probabilities (no length penalty), stopping once no live beam can beat the finished ones. Of the
   model's generation settings only ``forced_bos_token_id`` / ``forced_eos_token_id`` apply (no
-  ``no_repeat_ngram_size``, ``min_length``); the decoder reruns the whole prefix at every step (no KV
-  cache: answers are short).
+  ``no_repeat_ngram_size``, ``min_length``).
+
+``use_cache=False`` (RAG-Sequence and RAG-Token) reruns whole prefixes instead: the reference the cached
+paths are tested against (tests/test_causal.py: same tokens, log-probs within 1e-5).
 
 The answer is the candidate with the highest p(y|x) under those weights (:class:`Answer`), with
 every candidate and its log-probability, and the passages as :class:`re2g.types.Candidate` records
