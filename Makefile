@@ -16,7 +16,8 @@ demo: setup
 # The training-heavy modules run in a second pytest process, with a Ray of their own: in one
 # process, after the whole suite's Ray Data / Ray Train / Serve work, a new Ray Data actor pool in
 # test_predict waited forever for its actor's ALIVE notification (Ray 2.60; the actor was up).
-TRAINING_TESTS := tests/test_candidates_job.py tests/test_generation_training.py tests/test_train_stages.py \
+TRAINING_TESTS := tests/test_candidates_job.py tests/test_generation_training.py tests/test_causal_training.py \
+	tests/test_train_stages.py \
 	tests/test_quickstart.py tests/test_real_weights.py
 
 test: setup
