@@ -47,13 +47,14 @@ def built(tmp_path_factory, tiny_models):
     build_bm25_index(root / "passages", root / "index" / "bm25")
     return {"root": root, "passages": root / "passages", "embeddings": root / "embeddings",
             "dense-index": root / "index" / "dense", "bm25-index": root / "index" / "bm25",
+            "passage-store": root / "passages" / "_store",
             "biencoder": Path(tiny_models["biencoder"]), "fingerprint": fp}
 
 
 # --------------------------------------------------------------------------- one schema
 
 
-@pytest.mark.parametrize("kind", ["passages", "embeddings", "dense-index", "bm25-index", "biencoder"])
+@pytest.mark.parametrize("kind", ["passages", "passage-store", "embeddings", "dense-index", "bm25-index", "biencoder"])
 def test_every_artifact_manifest_round_trips_through_the_schema(built, kind, tmp_path):
     m = read_manifest(built[kind], kind)
     assert (m.kind, m.version) == (kind, 2)
@@ -63,7 +64,10 @@ def test_every_artifact_manifest_round_trips_through_the_schema(built, kind, tmp
     assert read_manifest(tmp_path, kind) == m
     if kind in ("embeddings", "dense-index", "biencoder"):  # the encoder fingerprint chain
         assert m.fingerprints == {"encoder": built["fingerprint"]}
-    expected = {"passages": {"passages": 12}, "embeddings": {"vectors": 12}, "dense-index": {"vectors": 12},
+    if kind == "passage-store":  # its fingerprint is the passages Parquet's, recorded in both manifests
+        assert m.fingerprints["passages"] == read_manifest(built["passages"], "passages").extra["store"]["passages_fingerprint"]
+    expected = {"passages": {"passages": 12}, "passage-store": {"passages": 12, "rows": 12, "duplicates": 0},
+                "embeddings": {"vectors": 12}, "dense-index": {"vectors": 12},
                 "bm25-index": {"passages": 12, "skipped_empty": 0}, "biencoder": {}}[kind]
     assert m.counts == expected
 
