@@ -20,15 +20,18 @@ import pytest
 from test_serve import PLAIN_APP, PLAIN_OVERRIDES
 
 KINDS = ("hybrid", "dpr", "bm25")
+# served in this order: the plain app (the hybrid run) last, so that it stays deployed for the Serve tests that
+# share it (tests/conftest.py runs these tests right after tests/test_serve.py's)
+SERVED_KINDS = ("dpr", "bm25", "hybrid")
 N_QUERIES = 4
 TOL = 1e-4          # scores: the stages batch differently (one request, a predict batch, Serve's batches)
 LOGPROB_TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")     # session: the served tests run later, after tests/test_serve.py's
 def runs(serve_run_dir, tmp_path_factory) -> dict[str, Path]:
     """The Serve tests' tiny run (dense + BM25), and two views of it with one index each (symlinks: the
-    same config, passages and models). Serve is started only by the last tests, after Ray Data's."""
+    same config, passages and models). Serve is started later (tests/test_serve.py), after Ray Data's."""
     out = {"hybrid": serve_run_dir}
     for kind, index in (("dpr", "dense"), ("bm25", "bm25")):
         run = tmp_path_factory.mktemp(f"one-path-{kind}") / "run"
@@ -40,19 +43,19 @@ def runs(serve_run_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def task(tiny_sample) -> str:
     return str(tiny_sample / "tasks" / "slot_filling-dev-kilt.jsonl")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def examples(task) -> list[tuple[str, str]]:
     with open(task) as f:
         rows = [json.loads(next(f)) for _ in range(N_QUERIES)]
     return [(r["id"], r["input"]) for r in rows]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(runs, examples) -> dict:
     """Per run kind: the in-process pipeline, its candidates and its answers for the dev queries (one batch)."""
     from re2g.pipeline import Re2GPipeline
@@ -116,7 +119,7 @@ def test_predict_in_process_and_over_ray_data_give_the_pipelines_answers(kind, r
     assert all(len(r["output"][0]["provenance"]) == reference[kind]["pipe"].reranker.top_k for r in want)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", SERVED_KINDS)
 def test_served_app_gives_the_pipelines_candidates_and_answers(kind, serve_instance, runs, examples, reference):
     """Each run served in turn on the session's Serve instance (the hybrid one is the Serve tests' plain
     app): its candidates (/v1/retrieve) and answers (/v1/answer) are the pipeline's."""
