@@ -86,10 +86,17 @@ def test_plan_dpr_batches_are_conflict_free_and_equal():
 
 
 @pytest.fixture(scope="module")
-def run_cfg(tmp_path_factory, ray_local):
+def run_cfg(tmp_path_factory, ray_local, tiny_run_dir):
+    """The module's run directory, begun with the session's tiny sample, passages and BM25 index (copies:
+    what ``prepare_inputs`` would build for this config, byte for byte; tests/test_candidates_job.py has
+    built them already in this pytest process)."""
+    import shutil
+
     from re2g.config import load_config
 
     run = tmp_path_factory.mktemp("train") / "run"
+    for part in ("sample", "passages", "index/bm25"):
+        shutil.copytree(tiny_run_dir / part, run / part)
     return lambda *extra: load_config(preset="tiny", overrides=[f"run_dir={run}", *TINY, *DPR, *extra])
 
 
