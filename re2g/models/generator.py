@@ -19,8 +19,14 @@ The model may be a :class:`~re2g.models.pointer.PointerBartForConditionalGenerat
 generator's default: a BART that can copy from its source); :meth:`Generator.copy_kwargs` gives what
 a hand-written decoding loop must pass it besides ``encoder_outputs``.
 
+Decoding (:mod:`re2g.models.decoding`) calls :meth:`Generator.prepare_sources` (the encoder once per
+source), :meth:`~Generator.beam_search`, :meth:`~Generator.score_targets` and :meth:`~Generator.token_steps`
+(:class:`Seq2SeqSteps`: the decoder one token per step over a KV cache); the decoder-only
+:class:`re2g.models.causal.CausalGenerator` has the same methods.
+
 Saved layout: the Hugging Face model and tokenizer files in the directory itself + ``re2g_model.json``
-(separators, lengths, target prefix).
+(``generator_kind: seq2seq``, separators, lengths, target prefix). :meth:`Generator.from_pretrained` hands a
+causal-LM checkpoint to :func:`re2g.models.causal.load_any_generator`.
 """
 
 from __future__ import annotations
