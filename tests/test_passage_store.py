@@ -220,3 +220,18 @@ def test_two_processes_share_the_store_pages(tmp_path):
     assert b["Rss"] > 0.9 * size  # the second process did read every page of the file...
     assert b["Shared"] > 0.9 * size and b["Pss"] < 0.6 * b["Rss"]  # ...the first one's pages, shared
     assert b["anon_growth"] < 0.2 * size, (b, size)  # its own memory: a small fraction of the file
+
+
+def test_a_stale_store_in_a_read_only_directory_is_rebuilt_in_the_cache(tmp_path, monkeypatch):
+    """Passages rewritten in a directory this process may not write (os.access says so; tests run as
+    root, which may write anywhere): the stale store is left alone and a fresh one built in the cache."""
+    from re2g.data import passage_store
+
+    write_passages(ROWS[:3], str(tmp_path / "p"))
+    _single_file(tmp_path / "p" / "part-00000.parquet", [{**r, "text": "new " + r["text"]} for r in ROWS[:3]])
+    real = os.access
+    monkeypatch.setattr(passage_store.os, "access",
+                        lambda p, mode: False if Path(p) == tmp_path / "p" else real(p, mode))
+    store = open_passage_store(str(tmp_path / "p"))
+    assert store.path.startswith(str(tmp_path / "cache" / "passage_stores")) and store["b"][1] == "new tb"
+    assert PassageStore(tmp_path / "p" / STORE_DIR)["b"][1] == "tb"  # the old store untouched

@@ -116,6 +116,10 @@ def store_location(passages: str) -> str:
     d = _local_dir(passages)
     if d is not None and ((d / STORE_DIR).is_dir() or os.access(d, os.W_OK)):
         return str(d / STORE_DIR)
+    return _cache_location(passages)
+
+
+def _cache_location(passages: str) -> str:
     s = str(passages)
     if "://" not in s:
         s = str(Path(s).absolute())
@@ -221,6 +225,13 @@ def open_passage_store(passages: str, *, build: bool = True) -> "PassageStore":
         if not build:
             raise
         reason = str(e)
+    parent = Path(where).parent
+    if parent.exists() and not os.access(parent, os.W_OK):  # a stale store in a read-only artifact
+        where = _cache_location(passages)
+        try:
+            return PassageStore(where, source=str(passages), expected_fingerprint=fp)
+        except StaleStore:
+            pass
     with _build_lock(where):
         try:  # another process may have built it while this one waited
             return PassageStore(where, source=str(passages), expected_fingerprint=fp)
