@@ -337,13 +337,15 @@ def test_causal_beams_are_hf_beam_search_on_the_prompts(readers):
 
 @pytest.fixture(scope="module")
 def causal_dir(tiny_sample, tmp_path_factory):
-    """A tiny Llama reader of the ``tiny`` preset's sizes over the sample task's BPE tokenizer, saved."""
+    """A tiny Llama reader of the ``tiny`` preset's sizes over the sample task's BPE tokenizer, written as
+    ``re2g init-models`` writes models (``--set models.tiny.generator_arch=llama``)."""
     from re2g.config import load_config
+    from re2g.models.init import init_models
 
-    tiny = load_config(preset="tiny").models.tiny.model_copy(update={"generator_arch": "llama"})
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("causal-reader") / "generator"
-    build_tiny_generator(tiny_sample / "tokenizers" / "bpe", tiny).save_pretrained(out)
+    cfg = load_config(preset="tiny", overrides=["models.tiny.generator_arch=llama"])
+    out = init_models(cfg.models, tmp_path_factory.mktemp("causal-reader"), tokenizers_dir=tiny_sample / "tokenizers",
+                      which=("generator",))["generator"]
+    assert checkpoint_kind(out) == "causal"
     return out
 
 
