@@ -330,6 +330,14 @@ def test_causal_beams_are_hf_beam_search_on_the_prompts(readers):
     got = beam_search(g, src, num_beams=3, num_return_sequences=2, max_new_tokens=4)   # (B*n_docs, 2)
     assert got[:3] == g.generate(QUERIES[:1], PASSAGES[:1], num_beams=3, num_return_sequences=2, max_new_tokens=4)[0]
     assert len(got) == 6 and all(len(r) == 2 for r in got)
+    # the prompts' cache handed to generate (run once, copied per beam) changes nothing: plain HF generate
+    from re2g.models.generator import decode_texts
+
+    with torch.no_grad():
+        out = g.model.generate(input_ids=src.input_ids, attention_mask=src.attention_mask, num_beams=3,
+                               num_return_sequences=2, max_new_tokens=4, do_sample=False, pad_token_id=g.pad_id)
+    texts = decode_texts(g.tokenizer, out[:, src.input_ids.shape[1]:])
+    assert got == [texts[i * 2:(i + 1) * 2] for i in range(6)]
 
 
 # --------------------------------------------------------------------------- the stage object, the pipeline, `re2g answer`

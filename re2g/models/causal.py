@@ -317,15 +317,35 @@ class CausalGenerator(torch.nn.Module):
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_beams: int,
                   num_return_sequences: int, max_new_tokens: int | None, use_cache: bool = True,
                   **generate_kwargs) -> torch.Tensor:
-        """HF ``generate`` on left-padded prompts (N, S): the new tokens only, (N * r, L)."""
+        """HF ``generate`` on left-padded prompts (N, S): the new tokens only, (N * r, L).
+
+        With the cache, the prompts but their last token run once here (N rows) and ``generate`` gets
+        that cache copied per beam: it would otherwise run every prompt once per beam (it repeats the
+        inputs ``num_beams`` times before its first pass)."""
         r = int(num_return_sequences)
+        K = max(int(num_beams), r)
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
         with eval_mode(self), torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                      num_beams=max(int(num_beams), r), num_return_sequences=r,
+            if use_cache and ids.shape[1] > 1 and "past_key_values" not in generate_kwargs:
+                generate_kwargs["past_key_values"] = self._prefill(ids[:, :-1], mask[:, :-1], repeat=K)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, num_beams=K, num_return_sequences=r,
                                       max_new_tokens=max_new_tokens or self.target_max_length, do_sample=False,
                                       pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
                                       use_cache=use_cache, **generate_kwargs)
         return out[:, input_ids.shape[1]:]
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, *, repeat: int = 1):
+        """The KV cache of left-padded ``ids`` (N, S'), each row repeated ``repeat`` times (N * repeat rows)."""
+        from transformers.cache_utils import DynamicCache
+
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                      past_key_values=DynamicCache(), use_cache=True)
+        if self._keeps_logits():
+            kwargs["logits_to_keep"] = 1
+        cache = self.model(**kwargs).past_key_values
+        if repeat > 1:
+            cache = select_cache_rows(cache, torch.arange(ids.shape[0], device=ids.device).repeat_interleave(repeat))
+        return cache
 
     def generate(self, queries: Sequence[str], passages_per_query: Sequence[Sequence[Any]], *,
                  num_beams: int = 4, num_return_sequences: int = 1, max_new_tokens: int | None = None,
