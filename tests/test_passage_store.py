@@ -130,8 +130,8 @@ def test_bad_pids_are_refused_at_build(tmp_path):
 
 
 def test_truncated_or_changed_store_files(tmp_path):
-    """A truncated file is refused at open (sizes); a byte changed in place is found by
-    ``re2g index verify`` on the passages directory, naming the file."""
+    """A truncated file or one swapped in from another store is refused at open (sizes, ends); a byte
+    changed in place is found by ``re2g index verify`` on the passages directory, naming the file."""
     from typer.testing import CliRunner
 
     from re2g.cli import app
@@ -149,7 +149,12 @@ def test_truncated_or_changed_store_files(tmp_path):
     res = CliRunner().invoke(app, ["index", "verify", str(tmp_path / "p")])
     assert res.exit_code == 1 and "mismatch _store/passages.arrow  (sha256" in res.output, res.output
 
+    other = [{**r, "pid": "q" + r["pid"][1:]} for r in rows]  # another store of the same shape
+    write_passages(other, str(tmp_path / "q"))
     pids = tmp_path / "p" / STORE_DIR / "pids.npy"
+    pids.write_bytes((tmp_path / "q" / STORE_DIR / "pids.npy").read_bytes())  # same size: swapped in
+    with pytest.raises(ArtifactError, match=r"pids\.npy: changed on disk: its first/last 64 KiB differ"):
+        PassageStore(tmp_path / "p" / STORE_DIR)
     pids.write_bytes(pids.read_bytes()[:-10])
     with pytest.raises(ArtifactError, match=r"pids\.npy: \d+ bytes, the store's manifest says \d+ \(truncated"):
         PassageStore(tmp_path / "p" / STORE_DIR)

@@ -26,8 +26,8 @@ existed, or a single Parquet file, a remote URI, a read-only directory) :func:`o
 builds it once, with a warning, in ``PASSAGES/_store`` when the directory is writable, else in
 ``$RE2G_CACHE/passage_stores/``; concurrent openers wait on a lock instead of building twice.
 
-**Checks.** Opening checks the manifest, the file sizes, that the Arrow file and the pid index belong to
-this manifest, and that the passages' Parquet fingerprint (its files' names, sizes and footers) is the
+**Checks.** Opening checks the manifest, the file sizes and ends (:mod:`re2g.file_checks`), that the
+Arrow file and the pid index belong to this manifest, and that the passages' Parquet fingerprint (its files' names, sizes and footers) is the
 one the store was built from (else the store is rebuilt). The sha256 checksums are verified on demand
 (``re2g index verify``, :func:`re2g.index.verify.verify_artifacts`).
 """
@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from re2g.artifacts import Manifest, read_manifest, sha256_file, staged_dir, write_manifest
 from re2g.errors import ArtifactError, DataFormatError
+from re2g.file_checks import ENDS_BYTES, ends_sha256, file_records
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def write_passage_store(passages: str, out: str | Path, *, fingerprint: str | No
             kind=KIND, counts={"passages": unique, "rows": n, "duplicates": n - unique},
             fingerprints={"passages": fingerprint},
             checksums={f: sha256_file(d / f) for f in STORE_FILES},
-            sizes={f: (d / f).stat().st_size for f in STORE_FILES},
+            sizes=file_records(d, STORE_FILES)[0], ends_sha256=file_records(d, STORE_FILES)[1],
             format="arrow-ipc", batch_rows=BATCH_ROWS, key_width=width,
             source=str(passages), seconds=round(time.perf_counter() - t0, 3))
         write_manifest(d, manifest)
@@ -276,11 +277,15 @@ class PassageStore(Mapping):
             p = d / f
             if not p.is_file():
                 raise StaleStore(f"{p}: missing from the passage store")
-            want = int(m.extra["sizes"].get(f, -1))
-            if p.stat().st_size != want:
-                raise ArtifactError(f"{p}: {p.stat().st_size} bytes, the store's manifest says {want} "
+            want, size = int(m.extra["sizes"].get(f, -1)), p.stat().st_size
+            if size != want:
+                raise ArtifactError(f"{p}: {size} bytes, the store's manifest says {want} "
                                     f"(truncated or replaced; `re2g index verify {d}` checks every file, "
                                     f"`rm -r {d}` and reopening rebuilds it)")
+            ends = (m.extra.get("ends_sha256") or {}).get(f)
+            if ends is not None and ends_sha256(p, size) != ends:
+                raise ArtifactError(f"{p}: changed on disk: its first/last {ENDS_BYTES // 1024} KiB differ from the "
+                                    f"build's (another store's file?); `rm -r {d}` and reopening rebuilds it")
         self.manifest = m
         self._mmap = pa.memory_map(str(d / ARROW_FILE), "r")
         try:

@@ -15,6 +15,7 @@ import numpy as np
 
 from re2g.artifacts import KINDS, Manifest, read_manifest as read_artifact_manifest
 from re2g.errors import ArtifactError
+from re2g.file_checks import ENDS_BYTES, ends_sha256, file_records  # noqa: F401  (re-exported)
 
 KIND = "dense-index"
 MANIFEST_NAME = KINDS[KIND].file
@@ -130,34 +131,6 @@ class DenseIndexInfo:
 
 
 # =========================================================================== files on disk
-
-ENDS_BYTES = 1 << 16  # bytes hashed at each end of a file by ends_sha256
-
-
-def ends_sha256(path: str | Path, size: int | None = None) -> str:
-    """sha256 of a file's size, its first and its last :data:`ENDS_BYTES` bytes (the whole file when
-    it is smaller): what a normal load checks, in microseconds, to refuse a file truncated, swapped
-    with another shard's or rewritten at either end. Every byte is checked by ``re2g index verify``."""
-    import hashlib
-
-    p = Path(path)
-    size = p.stat().st_size if size is None else size
-    h = hashlib.sha256(str(size).encode() + b"\0")
-    with open(p, "rb") as f:
-        h.update(f.read(ENDS_BYTES))
-        if size > ENDS_BYTES:
-            f.seek(max(ENDS_BYTES, size - ENDS_BYTES))
-            h.update(f.read(ENDS_BYTES))
-    return h.hexdigest()
-
-
-def file_records(directory: str | Path, names: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:
-    """``(sizes, ends)`` of files in ``directory``: bytes and :func:`ends_sha256` by file name (the
-    manifest's ``sizes`` and ``ends_sha256``, written at build time beside ``checksums``)."""
-    d = Path(directory)
-    sizes = {n: (d / n).stat().st_size for n in names}
-    return sizes, {n: ends_sha256(d / n, sizes[n]) for n in names}
-
 
 def checked_file(index_dir: str | Path, name: str, manifest: dict, *, full: bool, what: str) -> Path:
     """The path of file ``name`` of a dense index, checked against its manifest: it exists, has the
