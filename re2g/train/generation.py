@@ -1,6 +1,6 @@
 """Stage 2 (generation, RAG) and stage 4 (end-to-end) for the one training loop of ``re2g.train.loop``.
 
-**Stage 2** (:class:`GenerationStage`): the query encoder and BART trained together on the target
+**Stage 2** (:class:`GenerationStage`): the query encoder and the generator trained together on the target
 outputs. For each query, ``q`` is encoded *with* gradient; its detached copy searches the dense index
 held by the index-shard Ray actors (DPR top-n; the index is never copied into a worker); the stored
 vectors ``p`` of the hits come back from the same actors (``get_vectors``), so the document scores
@@ -29,6 +29,15 @@ Models: :class:`Re2GModel` holds the bi-encoder (query encoder trained, context 
 saved unchanged, so the saved bi-encoder still matches the index's fingerprint), the generator and
 (stage 4) the reranker; saved as ``biencoder/``, ``generator/``, ``reranker/`` under
 ``RUN_DIR/models/generator`` (stage 2) and ``RUN_DIR/models/e2e-<option>`` (stage 4).
+
+The generator is either kind: a seq2seq LM (BART, T5) or a decoder-only causal LM
+(``re2g.models.causal.CausalGenerator``; the tiny one from config with
+``models.tiny.generator_arch: llama``). Both give the per-passage target log-probabilities (B, n, T)
+that the same pure marginalization functions take; loading goes through
+``re2g.models.causal.load_any_generator`` (``models.generator_kind``). With ``train.generator.lora`` /
+``train.e2e.lora`` a causal reader trains LoRA adapters only (``re2g.models.lora``), saved merged into a
+plain directory or kept as an adapter directory over its base. DeepSpeed ZeRO-3 works for full
+fine-tuning (rank 0 saves and evaluates with the parameters gathered).
 
 Where it lives (this module re-exports the public names):
 

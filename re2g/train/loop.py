@@ -181,16 +181,23 @@ def train_loop(config: dict) -> None:
 
     def evaluate(final: bool) -> dict:
         out: dict = {}
-        with _gathered(model, zero):
-            if rank == 0:
+        # ZeRO-3: every rank runs the same evaluation (same dev data, same weights) in lockstep, as each
+        # forward gathers its partitioned parameters collectively; rank 0 alone waited forever in the
+        # first all-gather (seen with a causal reader's generate). Other stages: rank 0, parameters gathered.
+        lockstep = zero == 3
+        with nullcontext() if lockstep else _gathered(model, zero):
+            if rank == 0 or lockstep:
                 was = model.training
                 model.eval()
                 try:
-                    out.update(stage.evaluate(model))
-                    if final:
-                        out["probe"] = stage.probe(model)
+                    metrics = stage.evaluate(model)
+                    probe = stage.probe(model) if final else None
                 finally:
                     model.train(was)
+                if rank == 0:
+                    out.update(metrics)
+                    if probe is not None:
+                        out["probe"] = probe
         return out
 
     model.train()
