@@ -433,6 +433,11 @@ class DPRTrainConfig(StageTrainConfig):
     remote_grad: bool = Field(True, description="in-batch negatives gathered across workers: True = differentiable "
                               "all-gather (the gradient of one global batch); False = other workers' passages are "
                               "constants (DPR's code; measured here: tiny models from scratch did not learn)")
+    eval_pool_size: int | None = Field(
+        100_000, ge=1, description="dense dev evaluation over a pool of at most this many passages: the dev "
+        "positives, their BM25 top-20 and a seeded random sample of the corpus, searched with faiss (an optimistic "
+        "estimate of full-corpus recall, see re2g/train/evaluate.py; the pool is the whole corpus when it has "
+        "no more passages, e.g. the tiny and demo samples); None: every passage, exactly")
 
 
 class RerankerTrainConfig(StageTrainConfig):
@@ -461,6 +466,11 @@ class JointTrainConfig(StageTrainConfig):
     max_positives: int = Field(1, ge=1, description="positives per list")
     kl_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
+    eval_pool_size: int | None = Field(
+        100_000, ge=1, description="dense dev evaluation over a pool of at most this many passages: the dev "
+        "positives, their hybrid (DPR + BM25) candidates and a seeded random sample of the corpus, searched "
+        "with faiss (an optimistic estimate of full-corpus recall, see re2g/train/evaluate.py; the pool is the "
+        "whole corpus when it has no more passages, e.g. the tiny and demo samples); None: every passage, exactly")
 
 
 class GeneratorTrainConfig(StageTrainConfig):
