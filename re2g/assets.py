@@ -396,6 +396,13 @@ def _gguf_to_hf(gguf_file: Path, out: Path) -> dict[str, Any]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # A base model does not end an answer with <eos>: after "Answer: Richard Nixon" it writes a line
+    # break and goes on with the next "Question:". Generation stops at <eos>, <end_of_turn> or a line
+    # break (generation_config.json's eos_token_id, which re2g's causal generator and HF generate
+    # honour), so a reader's answer is one line.
+    vocab = tok.get_vocab()
+    stops = [int(tok.eos_token_id)] + [vocab[t] for t in ("<end_of_turn>", "\n", "\n\n") if t in vocab]
+    model.generation_config.eos_token_id = list(dict.fromkeys(stops))
     t0 = time.perf_counter()
     with quiet_transformers():
         model.save_pretrained(out)
@@ -410,6 +417,7 @@ def _gguf_to_hf(gguf_file: Path, out: Path) -> dict[str, Any]:
     if not diff < 1e-4:
         raise AssetError(f"{gguf_file.name}: the converted copy's logits differ from the GGUF's by {diff:g}")
     return {"builder": "gguf-to-hf", "architecture": type(model).__name__, "dtype": "float32",
+            "stop_token_ids": model.generation_config.eos_token_id,
             "parameters": sum(p.numel() for p in model.parameters()), "transformers": transformers.__version__,
             "reload_max_abs_logit_diff": diff, "seconds": {"load_gguf": round(load_s, 1), "save": round(save_s, 1),
                                                             "reload_check": round(time.perf_counter() - t0, 1)}}
