@@ -370,7 +370,9 @@ def train_dpr(cfg: Re2GConfig, *, inputs: TrainInputs | None = None, fail_once_a
     dev = _dev(cfg, inputs, c)
     bm25 = _bm25(cfg, inputs).batch_search(dev.queries, 20)
     baselines = {"bm25": _strip(metrics_dict(report("bm25", [[h.pid for h in hs] for hs in bm25], dev, lookup)))}
-    stage = DPRStage(dev=dev, remote_grad=c.remote_grad, **_stage_args(cfg, inputs, c))
+    dev.negatives = [[h.pid for h in hs] for hs in bm25]  # in the dense eval pool (train.dpr.eval_pool_size)
+    stage = DPRStage(dev=dev, remote_grad=c.remote_grad, eval_pool_size=c.eval_pool_size, eval_pool_seed=c.seed,
+                     **_stage_args(cfg, inputs, c))
     return run_stage(cfg, stage, plan, c, inputs, baselines=baselines, fail_once_at_step=fail_once_at_step,
                      data_info={"negatives": neg_path, "mining": mining, "train_queries": len(records),
                                 "micro_batches": len(plan.rows), "dropped_examples": plan.dropped}, log=log)
@@ -416,6 +418,6 @@ def train_joint(cfg: Re2GConfig, *, inputs: TrainInputs | None = None, fail_once
                              seed=c.seed, pad_to=c.list_size)
     dev = _dev(cfg, inputs, c, candidates(cfg, inputs, "dev", dense_index=cfg.train.reranker.dense_index))
     stage = JointStage(dev=dev, reranker_lr=c.reranker_lr, kl_weight=c.kl_weight, ce_weight=c.ce_weight,
-                       **_stage_args(cfg, inputs, c))
+                       eval_pool_size=c.eval_pool_size, eval_pool_seed=c.seed, **_stage_args(cfg, inputs, c))
     return run_stage(cfg, stage, plan, c, inputs, fail_once_at_step=fail_once_at_step,
                      data_info={"lists": stats.to_dict(), "micro_batches": len(plan.rows)}, log=log)

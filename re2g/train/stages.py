@@ -18,9 +18,10 @@ import torch
 from re2g.config import ModelsConfig
 from re2g.models.losses import (false_negative_mask, gather_with_grad, in_batch_nll, multi_positive_nll,
                                 rocketqa_joint_loss)
-from re2g.train.evaluate import DevSet, dense_rankings, metrics_dict, report, rerank_rankings
+from re2g.train.evaluate import DevSet, dense_rankings, eval_pool, metrics_dict, report, rerank_rankings
 
 _LOOKUPS: dict[str, dict] = {}
+_POOLS: dict[tuple, list[str]] = {}
 
 
 def passage_lookup(path: str) -> dict:
@@ -60,10 +61,23 @@ class StageBase:
     weight_decay: float = 0.0
     name: str = "stage"
     dev_metric: str = "dev_recall@5"
+    eval_pool_size: int | None = None  # dense dev evaluation pool cap (None: the whole corpus, exact)
+    eval_pool_seed: int = 0
 
     @property
     def lookup(self) -> dict:
         return passage_lookup(self.passages)
+
+    def eval_pool(self) -> list[str]:
+        """The dense dev evaluation's pool (:func:`re2g.train.evaluate.eval_pool`): the dev positives,
+        the dev negatives/candidates and a seeded sample of the corpus, built once per process."""
+        required = [p for ps in self.dev.gold for p in ps]
+        for extra in (self.dev.negatives, self.dev.candidates):
+            required += [p for ps in extra or [] for p in ps]
+        key = (self.passages, self.eval_pool_size, self.eval_pool_seed, tuple(required))
+        if key not in _POOLS:
+            _POOLS[key] = eval_pool(self.lookup, required, self.eval_pool_size, self.eval_pool_seed)
+        return _POOLS[key]
 
     def param_groups(self, module: torch.nn.Module) -> list[dict]:
         return param_groups(module, self.lr, self.weight_decay)
@@ -113,7 +127,7 @@ class DPRStage(StageBase):
         return in_batch_nll(q * model.logit_scale, p_all, positive, mask), B  # scale: see EncoderSettings
 
     def evaluate(self, model) -> dict[str, float]:
-        rankings = dense_rankings(model, self.dev.queries, self.lookup)
+        rankings = dense_rankings(model, self.dev.queries, self.lookup, pool=self.eval_pool())
         return metrics_dict(report(self.name, rankings, self.dev, self.lookup))
 
     def save(self, model, directory: str | Path) -> None:
@@ -272,8 +286,8 @@ class JointStage(StageBase):
                                    ce_weight=self.ce_weight), B
 
     def evaluate(self, model) -> dict[str, float]:
-        out = metrics_dict(report("joint-retriever", dense_rankings(model.biencoder, self.dev.queries, self.lookup),
-                                  self.dev, self.lookup))
+        rankings = dense_rankings(model.biencoder, self.dev.queries, self.lookup, pool=self.eval_pool())
+        out = metrics_dict(report("joint-retriever", rankings, self.dev, self.lookup))
         if self.dev.candidates:
             rr = rerank_rankings(model.reranker, self.dev.queries, self.dev.candidates, self.lookup)
             out.update(metrics_dict(report("joint-reranker", rr, self.dev, self.lookup), "dev_reranker_"))
