@@ -188,8 +188,8 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
     backpressure, unavailable = _serve_errors()
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     app = FastAPI(title="re2g", version="1", docs_url=None, redoc_url=None,
-                  description="Re2G on Ray Serve: retrieve (DPR + BM25), rerank (cross-encoder), generate (BART) "
-                  "with provenance.")
+                  description="Re2G on Ray Serve: retrieve (DPR + BM25), rerank (cross-encoder), generate "
+                  "(the run's reader: BART-style seq2seq or a causal LM) with provenance.")
 
     # ---- errors: always JSON
 
@@ -332,9 +332,9 @@ def create_api(backend: Backend, settings: ApiSettings, *, metrics: IngressMetri
         **errors, 200: {"description": "the answer; with stream: server-sent events (see the stream field)",
                         "content": {"text/event-stream": answer_stream_openapi()}}})
     async def answer(req: AnswerRequest) -> Any:
-        """Retrieve (DPR + BM25, fused), rerank (cross-encoder), generate (BART over the top ``n_docs``
-        passages, weighted by softmax of the rerank scores). Returns the answer, candidate answers with
-        log-probabilities, the provenance passages with their scores, and seconds per stage.
+        """Retrieve (DPR + BM25, fused), rerank (cross-encoder), generate (the run's reader, seq2seq or causal
+        LM, over the top ``n_docs`` passages, weighted by softmax of the rerank scores). Returns the answer,
+        candidate answers with log-probabilities, the provenance passages with their scores, and seconds per stage.
         With ``"stream": true``: server-sent events ``retrieved``, ``reranked``, ``answer`` (this body), ``done``
         (``error`` instead of the rest when a stage fails after the first event); the answer comes whole, as
         beam search has no token to send before it has finished."""

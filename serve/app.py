@@ -4,7 +4,7 @@ FastAPI ``Ingress`` through DeploymentHandles.
 ```
 HTTP ─ proxy ─ Ingress ─┬─ Retriever   query encoder + dense shards + BM25 + fusion
                         ├─ Reranker    cross-encoder
-                        └─ Generator   BART, RAG-Sequence/Token decoding
+                        └─ Generator   seq2seq (BART) or causal-LM reader, RAG-Sequence/Token decoding
 ```
 (the Ingress: FastAPI; validation, API key, limits, deadline)
 
@@ -282,8 +282,8 @@ class Reranker(_Stage):
 
 @serve.deployment(name="Generator")
 class Generator(_Stage):
-    """The :class:`re2g.stages.Generator` of the run (BART with RAG-Sequence or RAG-Token decoding,
-    ``cfg.generation``). ``generate`` is dynamically batched: beam search runs on the sources of every
+    """The :class:`re2g.stages.Generator` of the run (a seq2seq or causal-LM reader with RAG-Sequence or
+    RAG-Token decoding, ``cfg.generation``). ``generate`` is dynamically batched: beam search runs on the sources of every
     request in a batch together."""
 
     kind = "generate"
