@@ -150,7 +150,8 @@ def _v1_dense(m: dict) -> dict:
     fingerprint at the top level, kind ``re2g-dense-index`` with ``format_version``."""
     sums = m["checksums"]
     shards = [{**s, "sha256": sums[s["file"]], "pid_sha256": sums[s["pid_file"]],
-               "vectors_sha256": sums[s["vectors_file"]]} for s in m["shards"]]
+               **({"vectors_sha256": sums[s["vectors_file"]]} if "vectors_file" in s else {})}
+              for s in m["shards"]]  # float32 shards have no vectors file since issue 16
     keys = ("index_id", "dim", "index_dim", "metric", "transform", "quantization", "exact", "faiss_index", "hnsw")
     return {"kind": "re2g-dense-index", "format_version": 1, **{k: m[k] for k in keys}, "shards": shards,
             "total_count": m["total_count"], "encoder_fingerprint": m["encoder_fingerprint"],
