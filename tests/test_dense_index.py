@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -174,7 +175,11 @@ def test_hnsw_sq8(data, flat_sharded, tmp_path):
                              encoder_fingerprint=FP, use_ray=False)
     assert info.manifest["faiss_index"] == "IndexHNSWSQ"
     exact = DenseIndex.load(flat_sharded.path).search_vectors(data["Q"], 10)
-    assert recall_at_10(DenseIndex.load(info.path).search_vectors(data["Q"], 10), exact) >= 0.9
+    idx = DenseIndex.load(info.path)
+    assert recall_at_10(idx.search_vectors(data["Q"], 10), exact) >= 0.9
+    # 8-bit storage is lossy: the original vectors stay beside it (.npy) and come back exactly
+    assert all(s["vectors_file"].endswith(".vectors.npy") for s in info.manifest["shards"])
+    np.testing.assert_array_equal(idx.get_vectors(["p2999", "p0"]), data["X"][[2999, 0]])
 
 
 def test_manifest_contents(flat_sharded, data):
@@ -183,7 +188,9 @@ def test_manifest_contents(flat_sharded, data):
     assert m["transform"]["max_norm_sq"] == pytest.approx(float((data["X"].astype(np.float64) ** 2).sum(1).max()))
     assert m["encoder_fingerprint"] == FP and m["total_count"] == N and len(m["shards"]) == 3
     assert [s["count"] for s in m["shards"]] == [1000, 1000, 1000]
-    files = [s[k] for s in m["shards"] for k in ("file", "pid_file", "vectors_file")]
+    files = [s[k] for s in m["shards"] for k in ("file", "pid_file")]
+    assert not any("vectors_file" in s for s in m["shards"])  # float32 shards: vectors stored once, in faiss
+    assert not list(Path(flat_sharded.path).glob("*.npy"))
     assert sorted(m["checksums"]) == sorted(files) and all(len(v) == 64 for v in m["checksums"].values())
     assert (Path(flat_sharded.path) / "config.yaml").is_file()
 
@@ -362,12 +369,12 @@ def test_normal_load_hashes_no_file_and_verify_finds_a_flipped_byte(flat_sharded
 
     checks = verify_artifacts(bad)
     assert {c.file: c.status for c in checks if not c.ok} == {"shard_00001.faiss": "mismatch"}
-    assert len(checks) == 9 and sum(c.ok for c in checks) == 8  # faiss, pids, vectors per shard
+    assert len(checks) == 6 and sum(c.ok for c in checks) == 5  # faiss, pids per shard
     res = CliRunner().invoke(app, ["index", "verify", str(tmp_path)])
     assert res.exit_code == 1, res.output
     assert "mismatch bad/shard_00001.faiss  (sha256 " in res.output and "ok       bad/shard_00000.faiss" in res.output
     good = CliRunner().invoke(app, ["index", "verify", str(flat_sharded.path)])
-    assert good.exit_code == 0 and good.output.count("ok ") == 9, good.output
+    assert good.exit_code == 0 and good.output.count("ok ") == 6, good.output
     empty = CliRunner().invoke(app, ["index", "verify", str(tmp_path / "nothing")])
     assert empty.exit_code == 2 and "not a directory" in " ".join(empty.output.split())
 
@@ -377,14 +384,14 @@ def test_truncated_or_swapped_shard_fails_a_normal_load(flat_sharded, tmp_path):
     size: 1,000 vectors each) are refused, naming the file."""
     trunc = tmp_path / "trunc"
     shutil.copytree(flat_sharded.path, trunc)
-    v = trunc / "shard_00002.vectors.npy"
+    v = trunc / "shard_00002.pids.parquet"
     v.write_bytes(v.read_bytes()[:-100])
-    with pytest.raises(ArtifactError, match=r"shard_00002\.vectors\.npy: shard vectors file is \d+ bytes, the "
+    with pytest.raises(ArtifactError, match=r"shard_00002\.pids\.parquet: shard pid file is \d+ bytes, the "
                                             r"manifest says \d+ \(truncated"):
         DenseIndex.load(trunc)
     from re2g.index.verify import verify_artifacts
 
-    assert [(c.file, c.status) for c in verify_artifacts(trunc) if not c.ok] == [("shard_00002.vectors.npy", "size")]
+    assert [(c.file, c.status) for c in verify_artifacts(trunc) if not c.ok] == [("shard_00002.pids.parquet", "size")]
 
     swap = tmp_path / "swap"
     shutil.copytree(flat_sharded.path, swap)
@@ -465,13 +472,41 @@ def test_bad_embeddings_are_clear_errors(tmp_path):
 # ----------------------------------------------------------------------------- vectors, passages, retriever
 
 
-def test_get_vectors_round_trip(data, flat_sharded):
-    idx = DenseIndex.load(flat_sharded.path)
+def test_get_vectors_round_trip(data, flat_sharded, tmp_path):
+    """Float32 shards give the original vectors back from faiss's storage (``reconstruct_batch``, the
+    mips_l2 column dropped), HNSW-Flat too; an index built before that, with a ``.npy`` per shard,
+    still loads and reads it."""
     pids = ["p2999", "p0", "p1300", "p1299", "p0"]
-    np.testing.assert_array_equal(idx.get_vectors(pids), data["X"][[2999, 0, 1300, 1299, 0]])
-    assert idx.get_vectors([]).shape == (0, D)
-    with pytest.raises(KeyError, match="'missing-pid'"):
-        idx.get_vectors(["p1", "missing-pid"])
+    hnsw = build_dense_index(data["emb"], tmp_path / "h", cfg(num_shards=2, hnsw_m=8, ef_construction=40, metric="ip"),
+                             encoder_fingerprint=FP, use_ray=False)
+    for path in (flat_sharded.path, hnsw.path):
+        idx = DenseIndex.load(path)
+        assert all(s._vectors_path is None and s.vectors_in_index for s in idx.shards)
+        np.testing.assert_array_equal(idx.get_vectors(pids), data["X"][[2999, 0, 1300, 1299, 0]])
+        assert idx.get_vectors([]).shape == (0, D)
+        with pytest.raises(KeyError, match="'missing-pid'"):
+            idx.get_vectors(["p1", "missing-pid"])
+
+    # an older index: every shard with its vectors beside it, in the manifest (sizes, ends, sha256)
+    from re2g.artifacts import sha256_file
+    from re2g.file_checks import file_records
+    from re2g.index.dense_format import shard_file_names
+
+    old = tmp_path / "old"
+    shutil.copytree(flat_sharded.path, old)
+    m = json.loads((old / "manifest.json").read_text())
+    for entry in m["shards"]:
+        name = shard_file_names(entry["shard"])["vectors_file"]
+        np.save(old / name, data["X"][entry["start"]:entry["end"]] * 2)  # x2: the .npy is read, not the index
+        entry["vectors_file"] = name
+        m["checksums"][name] = sha256_file(old / name)
+    m["sizes"], m["ends_sha256"] = file_records(old, sorted(m["checksums"]))
+    (old / "manifest.json").write_text(json.dumps(m))
+    idx = DenseIndex.load(old, verify=True)
+    assert all(s._vectors_path is not None for s in idx.shards)
+    np.testing.assert_array_equal(idx.get_vectors(pids), 2 * data["X"][[2999, 0, 1300, 1299, 0]])
+
+
 
 
 class FakeEncoder:

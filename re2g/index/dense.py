@@ -11,7 +11,10 @@ The artifact is a directory::
     config.yaml                   the IndexConfig that built it
     shard_00000.faiss             one faiss index per shard (shard-local ids 0..count-1)
     shard_00000.pids.parquet      the shard's pids, in shard-local id order
-    shard_00000.vectors.npy       the shard's original vectors (N_s, D) float32, for fetch-by-pid
+    shard_00000.vectors.npy       sq8 shards only: the original vectors (N_s, D) float32, for
+                                  fetch-by-pid (a float32 shard gives them back from its own storage,
+                                  ``reconstruct_batch``; indexes built before that have the file for
+                                  every shard and still use it)
 
 It is written to a temporary sibling directory and renamed at the end, so a crash never leaves a
 directory that loads. Each shard is built by its own Ray task over a contiguous slice of the
@@ -93,6 +96,7 @@ class DenseShard:
         self.metric = manifest["metric"]
         self.max_norm_sq = float(manifest["transform"].get("max_norm_sq") or 0.0)
         self.dim = int(manifest["dim"])
+        self.quantization = manifest.get("quantization")
         self._vectors_path = vectors_path
         self._vectors: np.ndarray | None = None
         self._row_of: dict[str, int] | None = None
@@ -155,16 +159,32 @@ class DenseShard:
         pids[valid] = self.pids[ids[valid]]
         return ShardResult(scores, pids)
 
+    @property
+    def vectors_in_index(self) -> bool:
+        """The faiss index holds the original float32 vectors (flat or HNSW-Flat storage; the
+        ``mips_l2`` column is appended after them), so ``reconstruct_batch`` returns them exactly."""
+        return self.quantization in (None, "none")
+
     def lookup_vectors(self, pids: Iterable[str]) -> dict[str, np.ndarray]:
-        """The stored vectors (D,) of those ``pids`` that live in this shard."""
-        if self._vectors_path is None:
-            raise ArtifactError(f"shard {self.entry['file']}: index was built without vectors "
-                                "(build_dense_index(store_vectors=True) to fetch vectors by pid)")
+        """The original vectors (D,) of those ``pids`` that live in this shard: from the shard's
+        ``.npy`` where it has one (sq8 shards; indexes built before issue 16), else from the faiss
+        index's own float32 storage (``reconstruct_batch``, the first D columns)."""
+        if self._vectors_path is None and not self.vectors_in_index:
+            raise ArtifactError(f"shard {self.entry['file']}: a {self.quantization} index built without its "
+                                "vectors (build_dense_index(store_vectors=True) to fetch vectors by pid)")
         if self._row_of is None:
             self._row_of = {p: i for i, p in enumerate(self.pids)}
-        if self._vectors is None:
-            self._vectors = np.load(self._vectors_path, mmap_mode="r")
-        return {p: np.array(self._vectors[self._row_of[p]]) for p in pids if p in self._row_of}
+        found = [p for p in pids if p in self._row_of]
+        if not found:
+            return {}
+        rows = np.fromiter((self._row_of[p] for p in found), dtype=np.int64, count=len(found))  # (n,)
+        if self._vectors_path is not None:
+            if self._vectors is None:
+                self._vectors = np.load(self._vectors_path, mmap_mode="r")
+            V = np.asarray(self._vectors[rows], dtype=np.float32)  # (n, D)
+        else:
+            V = self.index.reconstruct_batch(rows)[:, :self.dim]  # (n, D') -> (n, D)
+        return {p: V[i].copy() for i, p in enumerate(found)}
 
 
 # =========================================================================== search over all shards

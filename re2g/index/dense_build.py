@@ -220,6 +220,9 @@ def build_shard(files: Sequence[str], file_rows: Sequence[int], start: int, end:
     Runs in a Ray task (``build_dense_index``) or in-process; reads its own slice of the Parquet.
     ``threads``: faiss OpenMP threads (1 makes HNSW construction reproducible byte for byte).
     Returns the shard's manifest entry and the sha256 of each of its files (by file name).
+    ``store_vectors``: fetch-by-pid possible; only a quantized (sq8) shard writes its original vectors
+    beside the index (``.vectors.npy``): a float32 one returns them from its own storage (measured in
+    docs/scaling.md), so they are stored once.
     """
     import faiss
     import pyarrow as pa
@@ -242,7 +245,7 @@ def build_shard(files: Sequence[str], file_rows: Sequence[int], start: int, end:
     pq.write_table(pa.table({"pid": pa.array(pids, pa.string())}), out / names["pid_file"])
     entry = {"shard": shard_id, "start": start, "end": end, "count": len(pids),
              "file": names["file"], "pid_file": names["pid_file"]}
-    if store_vectors:
+    if store_vectors and cfg.quantization != "none":  # float32 storage gives them back (reconstruct_batch)
         np.save(out / names["vectors_file"], X)
         entry["vectors_file"] = names["vectors_file"]
     checksums = {entry[k]: sha256_file(out / entry[k]) for k in ("file", "pid_file", "vectors_file") if k in entry}
