@@ -109,6 +109,7 @@ def dense_rankings(biencoder, queries: Sequence[str], lookup: Mapping, k: int = 
         return [[] for _ in queries]
     P = biencoder.embed_passages(*_passages_of(lookup, pids), batch_size=batch_size)  # (n, D)
     Q = biencoder.embed_queries(list(queries), batch_size=batch_size)  # (B, D)
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))  # the worker's CPU share, as torch has it
     index = faiss.IndexFlatIP(P.shape[1])
     index.add(np.ascontiguousarray(P, dtype=np.float32))
     _, ids = index.search(np.ascontiguousarray(Q, dtype=np.float32), min(len(pids), k + 16))  # (B, k'')
