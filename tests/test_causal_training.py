@@ -143,6 +143,27 @@ def test_lora_refuses_a_seq2seq_generator(parts):
         stage.build()
 
 
+def test_stage4_refuses_a_stage2_generator_of_the_other_kind(parts, causal_dir):
+    """With the generator built from config, stage 4 does not silently train a stage-2 generator of the
+    other kind: a BART where the config builds a Llama (and the reverse) is a ConfigError naming both;
+    the matching kind, or train.e2e.generator set, is taken as it is."""
+    from re2g.config import load_config
+    from re2g.errors import ConfigError
+    from re2g.train.rag_driver import config_generator_kind, e2e_start_generator
+
+    run = parts[0]
+    llama = load_config(preset="tiny", overrides=[f"run_dir={run}", LLAMA])
+    bart = load_config(preset="tiny", overrides=[f"run_dir={run}"])
+    assert (config_generator_kind(llama.models), config_generator_kind(bart.models)) == ("causal", "seq2seq")
+    with pytest.raises(ConfigError, match="stage 2's generator is seq2seq but the config builds a causal"):
+        e2e_start_generator(llama, None, run / "models" / "generator")
+    with pytest.raises(ConfigError, match="stage 2's generator is causal but the config builds a seq2seq"):
+        e2e_start_generator(bart, None, causal_dir)
+    assert e2e_start_generator(llama, None, causal_dir) == str(causal_dir)
+    explicit = load_config(preset="tiny", overrides=[f"run_dir={run}", LLAMA, f"train.e2e.generator={causal_dir}"])
+    assert e2e_start_generator(explicit, None, run / "models" / "generator") == str(causal_dir)
+
+
 # --------------------------------------------------------------------------- Ray Train + DeepSpeed, the CLI
 
 
