@@ -65,6 +65,13 @@ def predict_file(run_dir: str | Path, task_file: str, out: str, *, cfg: Re2GConf
 
     from re2g.data.kilt import read_kilt, write_jsonl
 
+    if "://" not in str(task_file):             # a local path (remote ones are fsspec's to open)
+        p = Path(task_file)
+        if not p.is_file():
+            from re2g.errors import DataFormatError
+
+            raise DataFormatError(str(task_file), "is a directory, not a KILT task jsonl" if p.is_dir()
+                                  else "no such file (expected a KILT task jsonl)")
     examples = read_kilt(task_file)
     if limit is not None:
         examples = examples[:limit]
