@@ -313,11 +313,14 @@ class Generator(_Stage):
 
         g = self.stage.model
         enc = g.tokenize_sources(["re2g / a passage // health check"])
+        ids, mask = enc["input_ids"].to(g.device), enc["attention_mask"].to(g.device)
         with torch.inference_mode():
-            out = g.model.get_encoder()(input_ids=enc["input_ids"].to(g.device),
-                                        attention_mask=enc["attention_mask"].to(g.device)).last_hidden_state
+            if getattr(g.model.config, "is_encoder_decoder", False):    # seq2seq: the encoder's states (1, S, d)
+                out, what = g.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state, "encoder"
+            else:                                                       # causal LM: the prompt's logits (1, S, V)
+                out, what = g.model(input_ids=ids, attention_mask=mask).logits, "language model"
         if not bool(torch.isfinite(out).all()):
-            raise RuntimeError("the generator's encoder returned non-finite values")
+            raise RuntimeError(f"the generator's {what} returned non-finite values")
 
 
 # --------------------------------------------------------------------------- ingress
