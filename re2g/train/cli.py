@@ -101,7 +101,8 @@ def _run_generation(stage: str, config, preset, set_, query_encoder: str | None 
 @train_app.command("generator")
 def generator(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None,
               verbose: VerboseOpt = False) -> None:
-    """Stage 2: RAG -- the query encoder and BART on the target outputs (DPR passages from the index actors)."""
+    """Stage 2: RAG -- the query encoder and the generator (BART or a causal LM) on the target outputs
+    (DPR passages from the index actors)."""
     _run_generation("generator", config, preset, set_, verbose=verbose)
 
 
