@@ -80,7 +80,7 @@ def test_callers_views_keep_their_keys(built):
 
     dense = read_dense(built["dense-index"])
     assert dense["total_count"] == 12 and dense["encoder_fingerprint"] == built["fingerprint"]
-    assert len(dense["shards"]) == 2 and len(dense["checksums"]) == 6  # faiss, pids, vectors per shard
+    assert len(dense["shards"]) == 2 and len(dense["checksums"]) == 4  # faiss + pids per shard (no .npy)
     assert read_bm25(built["bm25-index"])["count"] == 12
     emb = read_embeddings_meta(str(built["embeddings"]))
     assert (emb["passages"], emb["fingerprint"]) == (12, built["fingerprint"]) and emb["encoder_settings"]

