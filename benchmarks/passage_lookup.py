@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         passages, label, name = vital_passages(cache / "vital" / "passages"), "vital-articles", f"{NAME}_vital"
     result = run(Path(passages), label=label, n_batches=n_batches, result=common.Result(name))
+    result.params["size"] = args.size if args.corpus == "sample" else None   # the sample size, as every benchmark
     return common.finish(result, table(result), args.out)
 
 
