@@ -245,9 +245,10 @@ def read_passages(path: str, *, validate: bool = True) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def iter_passages(path: str, *, batch_size: int = 10_000) -> Iterator[Passage]:
-    """Stream the passages of a passages Parquet as :class:`~re2g.types.Passage`, file by file.
-    Columns and empty texts are checked as it goes; duplicate pids are not (see :func:`read_passages`)."""
+def iter_passage_batches(path: str, *, batch_size: int = 10_000) -> Iterator[tuple[str, pa.Table, int]]:
+    """``(file name, table, row0)`` for every batch of a passages Parquet, file by file: each file's
+    schema checked (:func:`check_passage_schema`), the table normalized to :data:`PASSAGE_SCHEMA`,
+    ``row0`` the batch's first row within its file (for error messages)."""
     fs, files = _passage_files(path)
     for f in files:
         name = _name(fs, f)
@@ -257,10 +258,17 @@ def iter_passages(path: str, *, batch_size: int = 10_000) -> Iterator[Passage]:
             row0 = 0
             for batch in pf.iter_batches(batch_size=batch_size):
                 t = _normalize(pa.Table.from_batches([batch]))
-                _check_rows(name, t, row0)
+                yield name, t, row0
                 row0 += t.num_rows
-                for r in t.to_pylist():
-                    yield Passage(pid=r["pid"], title=r["title"], text=r["text"], wikipedia_id=r["wikipedia_id"])
+
+
+def iter_passages(path: str, *, batch_size: int = 10_000) -> Iterator[Passage]:
+    """Stream the passages of a passages Parquet as :class:`~re2g.types.Passage`, file by file.
+    Columns and empty texts are checked as it goes; duplicate pids are not (see :func:`read_passages`)."""
+    for name, t, row0 in iter_passage_batches(path, batch_size=batch_size):
+        _check_rows(name, t, row0)
+        for r in t.to_pylist():
+            yield Passage(pid=r["pid"], title=r["title"], text=r["text"], wikipedia_id=r["wikipedia_id"])
 
 
 def count_passages(path: str) -> int:

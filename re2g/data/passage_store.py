@@ -39,13 +39,12 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from re2g.artifacts import Manifest, read_manifest, sha256_file, staged_dir, write_manifest
 from re2g.errors import ArtifactError, DataFormatError
@@ -145,31 +144,22 @@ def write_passage_store(passages: str, out: str | Path, *, fingerprint: str | No
     in the local directory ``out``, atomically (:func:`re2g.artifacts.staged_dir`; an existing store
     there is replaced). Streams the Parquet batch by batch into the Arrow file; holds only the pids
     (their fixed-width keys and one argsort) in memory. Returns the store's manifest."""
-    from re2g.data.passage_files import PASSAGE_SCHEMA, _name, _normalize, _passage_files, check_passage_schema
+    from re2g.data.passage_files import PASSAGE_SCHEMA, iter_passage_batches
 
     t0 = time.perf_counter()
     fingerprint = fingerprint or passages_fingerprint(passages)
-    fs, files = _passage_files(passages)
     schema = PASSAGE_SCHEMA.with_metadata({FINGERPRINT_KEY: fingerprint.encode()})
     with staged_dir(out, overwrite=True) as stage:
         d = stage.local
         keys: list[np.ndarray] = []
         n = 0
         with pa.OSFile(str(d / ARROW_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for f in files:
-                name = _name(fs, f)
-                with fs.open(f, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    check_passage_schema(name, pf.schema_arrow)
-                    row0 = 0
-                    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                        t = _normalize(pa.Table.from_batches([batch])).combine_chunks()
-                        keys.append(_keys(name, t.column("pid").chunk(0) if t.num_rows else pa.array([], pa.string()),
-                                          row0))
-                        for b in t.to_batches(max_chunksize=BATCH_ROWS):
-                            writer.write_batch(b)
-                        row0 += t.num_rows
-                        n += t.num_rows
+            for name, t, row0 in iter_passage_batches(str(passages), batch_size=BATCH_ROWS):
+                t = t.combine_chunks()
+                keys.append(_keys(name, t.column("pid").chunk(0) if t.num_rows else pa.array([], pa.string()), row0))
+                for b in t.to_batches(max_chunksize=BATCH_ROWS):
+                    writer.write_batch(b)
+                n += t.num_rows
         all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype="S1")  # (N,) S{w}
         del keys
         order = np.argsort(all_keys, kind="stable")  # (N,) a pid given twice: its first row first
