@@ -167,13 +167,6 @@ def beam_search(generator, src, *, num_beams: int, num_return_sequences: int = 1
                                  max_new_tokens=max_new_tokens, use_cache=use_cache)
 
 
-def _copy_kwargs(generator, source_ids: torch.Tensor) -> dict:
-    """What a model call with ``encoder_outputs`` needs besides (``Generator.copy_kwargs``: the source
-    ids (N, S) of a pointer-generator; nothing for another model)."""
-    f = getattr(generator, "copy_kwargs", None)
-    return f(source_ids) if f is not None else {}
-
-
 def score_targets(generator, src, rows: Sequence[int], targets: Sequence[str], *,
                   batch_size: int = 128, use_cache: bool = True) -> torch.Tensor:
     """log p(targets[p] | s_{rows[p]}) for every pair p, (P,), teacher-forced over the prepared sources
