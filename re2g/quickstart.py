@@ -130,8 +130,9 @@ def _init_models(ctx: Context) -> dict:
     from re2g.models.init import init_models
 
     tokenizers = Path(ctx.layout.sample) / "tokenizers"
+    # a named generator is referenced, not copied: readers find it as models.generator (re2g.models.init)
     written = init_models(ctx.cfg.models, ctx.run_dir / "models" / "init",
-                          tokenizers_dir=tokenizers if tokenizers.exists() else None)
+                          tokenizers_dir=tokenizers if tokenizers.exists() else None, reference=("generator",))
     return {"models": {k: str(v) for k, v in written.items()}}
 
 
