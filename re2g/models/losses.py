@@ -70,7 +70,7 @@ def in_batch_nll(q: torch.Tensor, p: torch.Tensor, positive: torch.Tensor,
     scores = q.float() @ p.float().T  # (B, N)
     if mask is not None:
         mask = mask.bool().clone()
-        mask[torch.arange(len(positive)), positive] = True
+        mask[torch.arange(len(positive), device=mask.device), positive] = True
     logp = F.log_softmax(_masked(scores, mask), dim=-1)  # (B, N)
     return -logp.gather(1, positive.view(-1, 1)).squeeze(1).mean()
 
