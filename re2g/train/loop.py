@@ -115,7 +115,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from re2g.train.deepspeed_config import WarmupLinearDecay, build_deepspeed_config
+    from re2g.train.deepspeed_config import WarmupLinearDecay, build_deepspeed_config, resolve_precision
+    from re2g.train.saved_dtype import upcast_saved_weights
 
     spec: LoopSpec = config["spec"]
     stage = spec.stage
@@ -173,6 +174,8 @@ def train_loop(config: dict) -> None:
             with _gathered(model, zero):
                 if rank == 0:
                     stage.save(model, os.path.join(tmp, "model"))
+                    if resolve_precision(spec.deepspeed, spec.use_gpu) != "fp32":  # bf16 module: saved float32
+                        upcast_saved_weights(os.path.join(tmp, "model"))
             if rank == 0:
                 Path(tmp, "state.json").write_text(json.dumps({"step": step, "state": state, "metrics": metrics}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
