@@ -133,15 +133,21 @@ class Inputs:
     tokenizer: str
 
 
+def tiny_config(work: Path):
+    """The tiny preset on the tiny sample task, its run directory under ``work``."""
+    from re2g.config import load_config
+
+    return load_config(preset="tiny", overrides=[f"run_dir={work / 'run'}", "data.sample.size=tiny",
+                                                 "models.passage_max_length=64", "models.query_max_length=32"])
+
+
 def prepare(work: Path) -> Inputs:
     """The tiny sample task, its passages (Ray Data; Ray must be connected) and untrained tiny models."""
-    from re2g.config import load_config
     from re2g.data.passages import split_knowledge_source
     from re2g.data.sample import generate_sample
     from re2g.models.init import init_models
 
-    cfg = load_config(preset="tiny", overrides=[f"run_dir={work / 'run'}", "data.sample.size=tiny",
-                                                "models.passage_max_length=64", "models.query_max_length=32"])
+    cfg = tiny_config(work)
     sample = work / "sample"
     if not (sample / "knowledge_source.jsonl").exists():
         generate_sample(sample, cfg.data.sample, vocab_size=cfg.models.tiny.vocab_size, progress=False,
@@ -327,9 +333,11 @@ def check_faiss(gpu: bool, n: int = 20_000, nq: int = 200, dim: int = 64, k: int
         cfg.graph_degree, cfg.intermediate_graph_degree = 32, 64
         cagra = faiss.GpuIndexCagra(res, dim, faiss.METRIC_INNER_PRODUCT, cfg)
         cagra.train(xb)  # builds the graph on the GPU
-        graph = faiss.IndexHNSWCagra()
-        cagra.copyTo(graph)  # the CAGRA graph as the base level of a CPU HNSW
-        graph_kind = "GpuIndexCagra -> IndexHNSWCagra"
+        # the CAGRA graph as the base level of a CPU HNSW (an IndexHNSWCagra whose M fits the graph degree)
+        graph = faiss.index_gpu_to_cpu(cagra)
+        graph_kind = f"GpuIndexCagra -> {type(graph).__name__}"
+        if not hasattr(graph, "hnsw"):
+            raise CheckFailed(f"faiss.index_gpu_to_cpu(GpuIndexCagra) gave {type(graph).__name__}, not an HNSW index")
     else:
         graph = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         graph.add(xb)
