@@ -185,7 +185,7 @@ def check_train(inp: Inputs, gpu: bool, steps: int = 4) -> tuple[str, dict]:
     cfg = inp.cfg
     task = inp.sample / "tasks" / f"{cfg.train.task}-train-kilt.jsonl"
     lookup = passage_lookup(str(inp.passages))
-    records, _ = load_queries(str(task), PassageLocator.from_pids(lookup))
+    records, _ = load_queries(str(task), PassageLocator.from_store(lookup))
     if not records:
         raise CheckFailed(f"{task}: no training query matched a passage")
     batch = 8

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from re2g.data.kilt import KiltExample, Provenance
 from re2g.data.passages import parse_pid
@@ -99,6 +102,18 @@ class PassageLocator:
                 continue
             spans.setdefault(wid, []).append((s, e, pid))
         return cls(spans, unranged)
+
+    @classmethod
+    def from_store(cls, store: Any) -> "PassageLocator":
+        """From a memory-mapped passage store (:class:`re2g.data.passage_store.PassageStore`): a
+        :class:`SortedPidLocator` over the store's sorted pid index, the same answers as
+        ``from_pids(store)`` without a Python object per passage. Any other mapping of pids: ``from_pids``."""
+        from re2g.data.passage_store import PIDS_FILE
+
+        path = Path(str(getattr(store, "path", "")), PIDS_FILE)
+        if not getattr(store, "path", None) or not path.is_file():
+            return cls.from_pids(store)
+        return SortedPidLocator(np.load(path, mmap_mode="r"))
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "PassageLocator":
@@ -176,6 +191,101 @@ class PassageLocator:
             prov = list(example)
             lists = [page_ids(prov)]
         return Positives(pids=self.positive_pids(prov, threshold), page_ids=page_ids(prov), page_lists=lists)
+
+
+#: pids parsed per chunk when a SortedPidLocator is built (bounds its transient Arrow arrays)
+PARSE_CHUNK = 1 << 20
+# RE2 (Arrow's regex engine) form of re2g.types.PID_PATTERN; RE2's \d and $ are ASCII-only and end-only, so
+# ids where Python's re could differ (non-ASCII, a trailing newline) are parsed by parse_pid itself
+_PID_RE2 = r"(?s)^(?P<wid>.+)::\[(?P<start>\d+),(?P<end>\d+)\](?:#(?P<piece>[1-9]\d*))?$"
+_PYTHON_ONLY = r"[^\x00-\x7f]|\n$"
+
+
+class SortedPidLocator(PassageLocator):
+    """A :class:`PassageLocator` over a sorted array of pids -- the passage store's memory-mapped
+    ``pids.npy`` ((U,) ``S{w}``, UTF-8, sorted bytewise, NUL-padded) -- instead of a dict of every page.
+
+    Holds per pid its paragraph range and the byte length of its page id: (U,) int64 start, end and
+    (U,) int32 page-id length (-1: not a ``wid::[start,end]`` id), 20 bytes a passage (~420 MB at 21M,
+    against a few GB of Python tuples for ``from_pids``); the pid strings stay in the shared mapping.
+    A page's passages are the pids that start with ``wid::`` (a contiguous range of the sorted array,
+    found by binary search) whose page id is exactly ``wid`` (its length: ``a::b::[0,0]`` starts with
+    ``a::`` too). Answers equal ``PassageLocator.from_pids(pids)``'s: passages without a range are
+    ignored (no ``unranged``), as there.
+    """
+
+    def __init__(self, keys: np.ndarray):
+        if keys.ndim != 1 or keys.dtype.kind != "S":
+            raise ValueError(f"SortedPidLocator needs a 1-d bytes array of sorted pids, got {keys.dtype} "
+                             f"with shape {keys.shape}")
+        self._keys = keys                                   # (U,) S{w}, sorted
+        n = len(keys)
+        self._start = np.zeros(n, dtype=np.int64)            # (U,)
+        self._end = np.zeros(n, dtype=np.int64)              # (U,)
+        self._wid_len = np.full(n, -1, dtype=np.int32)       # (U,) bytes of the page id; -1: no range
+        self._pages: int | None = None
+        for lo in range(0, n, PARSE_CHUNK):
+            self._parse(lo, min(n, lo + PARSE_CHUNK))
+        self._spans, self._unranged = {}, {}
+
+    def _parse(self, lo: int, hi: int) -> None:
+        """Fill rows ``[lo, hi)``: Arrow's regex over the chunk, Python's for the ids RE2 may read differently."""
+        raw = pa.array(np.asarray(self._keys[lo:hi]), type=pa.binary())
+        text = raw.cast(pa.string())                        # the store holds UTF-8 (checked when it was built)
+        parts = pc.extract_regex(text, _PID_RE2)            # struct<wid, start, end, piece>, null: no match
+        ok = pc.fill_null(pc.is_valid(parts), False)
+        if pc.any(ok).as_py():
+            idx = np.flatnonzero(ok.to_numpy(zero_copy_only=False))
+            got = parts.filter(ok)
+            self._wid_len[lo + idx] = pc.binary_length(got.field("wid").cast(pa.binary())).to_numpy()
+            self._start[lo + idx] = got.field("start").cast(pa.int64()).to_numpy()
+            self._end[lo + idx] = got.field("end").cast(pa.int64()).to_numpy()
+        odd = pc.and_(pc.invert(ok), pc.match_substring_regex(text, _PYTHON_ONLY))
+        for i in np.flatnonzero(pc.fill_null(odd, False).to_numpy(zero_copy_only=False)).tolist():
+            try:
+                wid, s, e = parse_pid(text[i].as_py())
+            except ValueError:
+                continue
+            self._wid_len[lo + i], self._start[lo + i], self._end[lo + i] = len(wid.encode("utf-8")), s, e
+
+    def _rows(self, wikipedia_id: object) -> np.ndarray:
+        """Rows of the sorted pids whose page id is ``wikipedia_id``: (n,) int64."""
+        if not isinstance(wikipedia_id, str):
+            return np.zeros(0, dtype=np.int64)
+        wid = wikipedia_id.encode("utf-8")
+        prefix = wid + b"::"
+        if len(prefix) > self._keys.dtype.itemsize or b"\0" in wid:
+            return np.zeros(0, dtype=np.int64)
+        upper = wid + b":;"                                 # the first string after every "wid::..."
+        bounds = np.array([prefix, upper], dtype=self._keys.dtype)
+        lo, hi = np.searchsorted(self._keys, bounds)
+        rows = np.arange(lo, hi, dtype=np.int64)
+        return rows[self._wid_len[lo:hi] == len(wid)]
+
+    def __len__(self) -> int:
+        return int((self._wid_len >= 0).sum())
+
+    def __contains__(self, wikipedia_id: object) -> bool:
+        return len(self._rows(wikipedia_id)) > 0
+
+    @property
+    def pages(self) -> int:
+        if self._pages is None:
+            seen: set[str] = set()
+            for lo in range(0, len(self._keys), PARSE_CHUNK):
+                hi = min(len(self._keys), lo + PARSE_CHUNK)
+                have = np.flatnonzero(self._wid_len[lo:hi] >= 0)
+                for j, w in zip(have.tolist(), self._wid_len[lo:hi][have].tolist()):
+                    seen.add(bytes(self._keys[lo + j])[:w].decode("utf-8"))
+            self._pages = len(seen)
+        return self._pages
+
+    def passages(self, wikipedia_id: str) -> tuple[Span, ...]:
+        rows = self._rows(str(wikipedia_id))
+        return tuple(sorted((int(self._start[r]), int(self._end[r]), self._keys[r].decode("utf-8")) for r in rows))
+
+    def unranged(self, wikipedia_id: str) -> tuple[str, ...]:
+        return ()
 
 
 def page_ids(provenance: Iterable[Provenance | Mapping[str, Any]]) -> list[str]:

@@ -92,11 +92,18 @@ def prepare_inputs(cfg: Re2GConfig, *, build: bool = True) -> TrainInputs:
                        cfg.train.negatives or join(work, "negatives.jsonl"), work)
 
 
+_LOCATORS: dict[str, object] = {}
+
+
 def _locator(passages: str):
+    """The provenance locator of a passages artifact, built once per process over its memory-mapped
+    store's sorted pid index (``PassageLocator.from_store``: no Python object per passage)."""
     from re2g.data.provenance import PassageLocator
     from re2g.train.stages import passage_lookup
 
-    return PassageLocator.from_pids(passage_lookup(passages))
+    if passages not in _LOCATORS:
+        _LOCATORS[passages] = PassageLocator.from_store(passage_lookup(passages))
+    return _LOCATORS[passages]
 
 
 def _bm25(cfg: Re2GConfig, inputs: TrainInputs):
