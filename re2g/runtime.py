@@ -33,6 +33,12 @@ def quiet_env() -> None:
     if not has_cuda():
         # DeepSpeed picks its accelerator at import; on a machine without CUDA it must be the CPU one.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed JIT-builds its CPU communication op into torch's extension cache; the default cache
+    # (~/.cache/torch_extensions) is shared by every Python environment of the user, and the op's build
+    # hash includes the environment's paths, so two checkouts with their own .venv rebuilt it for each
+    # other at every training start (30 s to 3 min on 2 cores). One cache per environment instead;
+    # scripts/setup.sh builds into the same place.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def has_cuda() -> bool:

@@ -19,14 +19,15 @@ if [ "$CUDA" = 1 ]; then EXTRAS="$EXTRAS,gpu"; else EXTRAS="$EXTRAS,cpu"; fi
 
 # DeepSpeed builds its CPU communication op (shm_comm) the first time a training run starts on a
 # machine (~20–30 s on 2 cores); built here instead, so the demo's first stage does not pay for it.
-# It lives in torch's extension cache, outside .venv, so this is checked on every run (a glob: instant).
+# It goes to the environment's own extension cache, $VENV/torch_extensions (re2g.runtime.quiet_env sets
+# TORCH_EXTENSIONS_DIR there for every re2g process: the build hash holds the environment's paths, so a
+# cache shared by two checkouts was rebuilt for each in turn). Checked on every run (a glob: instant).
 build_deepspeed_ops() {
   [ "$CUDA" = 1 ] && return 0
-  local dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
-  # torch adds a py<ver>_<device> level under the default directory, not under TORCH_EXTENSIONS_DIR
-  for so in "$dir"/deepspeed_shm_comm/*.so "$dir"/*/deepspeed_shm_comm/*.so; do [ -e "$so" ] && return 0; done
-  echo "== building DeepSpeed's CPU communication op (once per machine)"
-  "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator
+  local dir=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}
+  for so in "$dir"/deepspeed_shm_comm/*.so; do [ -e "$so" ] && return 0; done
+  echo "== building DeepSpeed's CPU communication op (once per environment)"
+  TORCH_EXTENSIONS_DIR="$dir" "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator
 b = get_accelerator().create_op_builder('ShareMemCommBuilder')
 b is None or b.load(verbose=False)" >/dev/null 2>&1 \
     || echo "!! DeepSpeed's shm_comm op did not build here; DeepSpeed will try again when training starts"
