@@ -226,6 +226,7 @@ class SortedPidLocator(PassageLocator):
         self._pages: int | None = None
         for lo in range(0, n, PARSE_CHUNK):
             self._parse(lo, min(n, lo + PARSE_CHUNK))
+        pa.default_memory_pool().release_unused()           # the chunks' Arrow buffers back to the OS
         self._spans, self._unranged = {}, {}
 
     def _parse(self, lo: int, hi: int) -> None:
