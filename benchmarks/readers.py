@@ -104,6 +104,14 @@ def answer_in_text(passages: Sequence[Any], golds: Sequence[str]) -> bool:
     return any(normalize_answer(g) and f" {normalize_answer(g)} " in f" {t} " for g in golds for t in texts)
 
 
+def sample_size(run_dir: Path, cfg) -> str:
+    """The size the run's sample was made at (``sample/sample.json``; else the config's)."""
+    from re2g.data.sample import load_sample_summary
+
+    summary = load_sample_summary(run_dir / "sample")
+    return summary.size if summary is not None else cfg.data.sample.size
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
     passages, retrieve_s = retrieve_fixed(pipe, queries, args.batch_size)
     del pipe
     ranks = [gold_rank(ps, gp) for ps, gp in zip(passages, gold_pages)]
-    result.params = {"size": cfg.data.sample.size, "run_dir": str(run), "task": task, "questions": len(dev),
+    result.params = {"size": sample_size(run, cfg), "run_dir": str(run), "task": task, "questions": len(dev),
                      "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
                      "query_encoder": pieces.biencoder, "reranker": pieces.reranker,
                      "dense_index": pieces.dense_dir, "bm25": pieces.bm25_dir,

@@ -68,3 +68,33 @@ def test_benchmarks_write_figures_and_ratios(bench_dirs, ray_local):
     assert set(d["results"]["variants"]) == {"dict", "PassageLookup", "PassageStore"}
     assert all(v["lookups_per_s"] > 0 and v["passages"] > 400 for v in d["results"]["variants"].values())
     assert "dict / PassageLookup (memory)" in d["ratios"]
+
+
+def test_readers_benchmark_holds_passages_fixed(tiny_run_dir, tmp_path):
+    """benchmarks/readers.py on the session's untrained tiny run: both depths for every reader, over the
+    same fixed passages, Gemma left out (CI has no asset)."""
+    from benchmarks import readers
+
+    path = readers.main(["--run-dir", str(tiny_run_dir), "--questions", "3", "--batch-size", "2", "--no-gemma",
+                         "--out", str(tmp_path)])
+    d = _load(path)
+    assert d["params"]["questions"] == 3 and d["params"]["task"] == "slot_filling"
+    assert [len(q["passages"]) for q in d["results"]["questions"]] == [5, 5, 5]
+    rows = d["results"]["readers"]
+    assert set(rows) == {"generator"}                     # the run's one (untrained BART) reader
+    for k in ("top1", "top5"):
+        r = rows["generator"][k]
+        assert r["questions_done"] == 3 and len(r["answers"]) == 3 and 0 <= r["em"] <= 1
+        assert r["s_per_q_wall"] > 0 and r["s_per_q_cpu"] > 0
+    assert "generator: s/question top-5 / top-1 (wall)" in d["ratios"]
+
+
+def test_slot_question_and_scores():
+    from benchmarks.readers import contains_of, em_of, slot_question
+
+    assert slot_question("Ann Lee [SEP] place of birth") == "What is the place of birth of Ann Lee?"
+    assert slot_question("When was Ann Lee born?") == "When was Ann Lee born?"
+    with pytest.raises(ValueError, match="Name \\[SEP\\] relation"):
+        slot_question(" [SEP] employer")
+    assert em_of(["The Physician.", "Rome"], [["physician"], ["Paris", "Lyon"]]) == 0.5
+    assert contains_of(["She was a physician.", "Romeo"], [["physician"], ["Rome"]]) == 0.5
