@@ -111,6 +111,9 @@ def train_loop(config: dict) -> None:
     from re2g.runtime import quiet_env
 
     quiet_env()
+    # DeepSpeed's accelerator follows the run, not what the process sees: Ray 2.60 leaves a node's GPUs
+    # visible to a worker that reserved none, and a GPU worker may inherit DS_ACCELERATOR=cpu from a CPU driver
+    os.environ["DS_ACCELERATOR"] = "cuda" if config["spec"].use_gpu else "cpu"
     import deepspeed
     import ray.train
     import torch
