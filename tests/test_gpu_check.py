@@ -19,8 +19,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_check import (EXIT_FAILED, EXIT_NO_CUDA, EXIT_OK, PATHS, PathResult,  # noqa: E402
-                                  check_faiss, exit_code, parse_args, top_k_agreement)
+from benchmarks.gpu_check import (  # noqa: E402
+    EXIT_FAILED,
+    EXIT_NO_CUDA,
+    EXIT_OK,
+    PATHS,
+    PathResult,
+    check_faiss,
+    exit_code,
+    parse_args,
+    top_k_agreement,
+)
 
 
 def test_script_without_cuda_says_skipped_for_every_path(tmp_path):

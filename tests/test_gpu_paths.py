@@ -37,7 +37,7 @@ def test_ray_sees_the_gpu(ray_local):
 
 
 def test_faiss_on_the_gpu():
-    detail, facts = gpu_check.check_faiss(gpu=True)
+    _, facts = gpu_check.check_faiss(gpu=True)
     assert facts["flat"] == "GpuIndexFlatIP" and facts["flat_agreement"] >= gpu_check.MIN_FLAT_AGREEMENT, facts
     if facts["support"]["cagra"]:
         assert facts["graph_recall_at_k"] >= gpu_check.MIN_GRAPH_RECALL, facts
