@@ -71,24 +71,6 @@ def batch_user_config(d: ServeDeploymentConfig, batching: bool) -> dict:
     return {"max_batch_size": d.max_batch_size if batching else 1, "batch_wait_timeout_s": d.batch_wait_timeout_s}
 
 
-def replica_device(device: str) -> str:
-    """The torch device of a model replica: ``device`` when it names one; ``auto`` inside a Ray actor:
-    ``cuda`` only when Ray gave the actor a GPU (``num_gpus`` > 0, from re2g's serve config or a Serve
-    config file's ``ray_actor_options``), else ``cpu``; outside an actor (a test building a deployment
-    class in process): ``cuda`` when one is visible. Ray 2.60 no longer hides a node's GPUs from an actor
-    that reserved none (``CUDA_VISIBLE_DEVICES`` is left as it is), so ``torch.cuda.is_available()`` alone
-    would put a CPU replica's model on a GPU Ray never gave it."""
-    import ray
-
-    from re2g.runtime import pick_device
-
-    if device != "auto":
-        return device
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return pick_device("auto")
-    return pick_device("auto") if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
-
-
 class _Stage:
     """What the three model deployments share: the compute thread, batching settings, metrics and health.
     Each holds one stage object of :mod:`re2g.stages` as ``stage``.
@@ -110,7 +92,9 @@ class _Stage:
         self._period = s.health_probe_period_s
         self._probe_timeout = max(1.0, 0.8 * s.health_check_timeout_s)
         self.metrics = ComponentMetrics(self.kind)
-        self.device = replica_device(self.cfg.device)
+        from re2g.devices import ray_device
+
+        self.device = ray_device(self.cfg.device)   # cuda only where Ray gave this replica a GPU
         _set_threads(self.dcfg.num_cpus)
         self.reconfigure(batch_user_config(self.dcfg, s.batching))
         return resolve_run(run_dir, self.cfg)

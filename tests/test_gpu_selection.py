@@ -1,6 +1,7 @@
-"""Which device a Serve model replica picks (serve.app.replica_device): ``cuda`` only where Ray gave the
-replica a GPU. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor with no GPU, so on a GPU node a
-CPU replica saw the GPU and put its model there. The CPU half runs everywhere; the GPU half is marked ``gpu``."""
+"""Which device a Ray actor's models go to (re2g.devices.ray_device: Serve replicas, ``re2g predict``'s
+actors): ``cuda`` only where Ray gave the actor a GPU. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an
+actor with no GPU, so on a GPU node a CPU replica saw the GPU and put its model there. The CPU half runs
+everywhere; the GPU half is marked ``gpu``."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import pytest
 
 
 def _in_actor(ray, num_gpus: float, devices: list[str]) -> list[str]:
-    """``replica_device`` of each name, inside one actor that reserved ``num_gpus``."""
+    """``ray_device`` of each name, inside one actor that reserved ``num_gpus``."""
     @ray.remote(num_cpus=0.01, num_gpus=num_gpus)
     class Probe:
         def devices(self, names: list[str]) -> list[str]:
-            from serve.app import replica_device
+            from re2g.devices import ray_device
 
-            return [replica_device(n) for n in names]
+            return [ray_device(n) for n in names]
 
     actor = Probe.remote()
     try:
@@ -24,12 +25,12 @@ def _in_actor(ray, num_gpus: float, devices: list[str]) -> list[str]:
 
 
 def test_replica_without_a_gpu_stays_on_the_cpu(ray_local):
+    from re2g.devices import ray_device
     from re2g.runtime import pick_device
-    from serve.app import replica_device
 
     assert _in_actor(ray_local, 0, ["auto", "cuda", "cpu"]) == ["cpu", "cuda", "cpu"]   # named: honoured
-    assert replica_device("cpu") == "cpu"
-    assert replica_device("auto") == pick_device("auto")      # in the driver (deployment classes built in tests)
+    assert ray_device("cpu") == "cpu"
+    assert ray_device("auto") == pick_device("auto")          # in the driver (deployment classes built in tests)
 
 
 @pytest.mark.gpu
