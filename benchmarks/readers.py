@@ -2,7 +2,7 @@
 and seconds per question, for every reader of a run plus Gemma 3 270M zero-shot, in one run.
 
     python -m benchmarks.readers --run-dir RUN_DIR [--questions 50] [--task slot_filling]
-                                 [--reader LABEL=DIR ...] [--no-gemma] [--batch-size 8]
+                                 [--reader LABEL=DIR ...] [--no-gemma | --gemma-only] [--batch-size 8]
 
 The questions are the first ``--questions`` of the run's ``<task>`` dev split. Their passages are
 retrieved and reranked ONCE (the run's query encoder + dense index + BM25, fused, then its reranker;
@@ -21,9 +21,12 @@ fetched, or with ``--no-gemma``). Gemma is a base model that continues text: a s
 {text}\\nQuestion: {query}\\nAnswer:``); retrieval and reranking always see the original query.
 
 Seconds: wall and CPU (``time.process_time``: this process, all its threads) per question over
-batches of ``--batch-size``, model load and one warm-up batch excluded (reported apart). Writes
-``<out>/readers.json`` (every answer, the passages' pids and scores, the gold page's rank) and
-prints a table. Same-run ratios: each reader's top-5 / top-1 seconds, and each reader's seconds over
+batches of ``--batch-size`` (each batch at top-1, then top-5, before the next batch), model load and
+one warm-up question on one passage excluded (load reported apart). Writes ``<out>/readers.json``
+(every answer, the passages' pids and scores, the gold page's rank), rewritten after every batch so
+that an interrupted run keeps what it measured, and prints a table. ``--gemma-only`` measures Gemma
+alone (e.g. in a second process over the same run: the passages come out the same, the JSON has
+their pids to check). Same-run ratios: each reader's top-5 / top-1 seconds, and each reader's seconds over
 the first reader's.
 """
 
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--reader", action="append", default=[], metavar="LABEL=DIR",
                    help="a reader to measure (repeatable; default: every generator under RUN_DIR/models)")
     p.add_argument("--no-gemma", action="store_true", help="leave out Gemma 3 270M even when it is fetched")
+    p.add_argument("--gemma-only", action="store_true", help="measure Gemma 3 270M alone (no run reader)")
     p.add_argument("--biencoder", default=None, help="query encoder directory (default: the run's)")
     p.add_argument("--reranker", default=None, help="reranker directory (default: RUN_DIR/models/reranker)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
@@ -249,7 +253,11 @@ def main(argv: list[str] | None = None) -> Path:
     golds = [list(e.answers) for e in dev]
     gold_pages = [{str(pv.wikipedia_id) for pv in e.provenance} for e in dev]
 
-    if args.reader:
+    if args.gemma_only and (args.no_gemma or args.reader):
+        p.error("--gemma-only goes with neither --no-gemma nor --reader")
+    if args.gemma_only:
+        specs = []
+    elif args.reader:
         from re2g.models.causal import checkpoint_kind
 
         specs = []
@@ -265,6 +273,8 @@ def main(argv: list[str] | None = None) -> Path:
         g, why = gemma_reader()
         if g is not None:
             specs.append(g)
+        elif args.gemma_only:
+            raise FileNotFoundError(why)
         else:
             notes.append(why)
     if not specs:
