@@ -24,3 +24,12 @@ def ray_device(device: str = "auto") -> str:
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return pick_device("auto")
     return pick_device("auto") if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
+
+
+def gpu_share(cluster_gpus: float, actors: int, device: str = "auto") -> float:
+    """GPUs each of ``actors`` model actors asks Ray for: one each while the cluster has that many, an equal
+    fraction of them when there are more actors than GPUs (every actor still starts), none when the
+    cluster has no GPU or ``device`` is ``cpu``."""
+    if device == "cpu" or cluster_gpus < 1 or actors < 1:
+        return 0.0
+    return min(1.0, float(cluster_gpus) / actors)

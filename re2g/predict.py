@@ -79,10 +79,14 @@ def predict_file(run_dir: str | Path, task_file: str, out: str, *, cfg: Re2GConf
     if use_ray:
         import ray
 
+        from re2g.devices import gpu_share
+
         ds = ray.data.from_items([{"id": e.id, "input": e.input} for e in examples])
+        # a GPU (or a share of one) per actor where the cluster has GPUs: an actor uses cuda only when given one
+        gpus = gpu_share(ray.cluster_resources().get("GPU", 0), actors, cfg.device if cfg else "auto")
         ds = ds.map_batches(PipelinePredictor, fn_constructor_kwargs=dict(
             run_dir=str(run_dir), cfg_dict=cfg.model_dump(mode="json") if cfg else None, overrides=models),
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
+            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus)
         by_id = {r["id"]: json.loads(r["record"]) for r in ds.take_all()}
         records = [by_id[e.id] for e in examples]
     else:

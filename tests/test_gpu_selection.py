@@ -37,3 +37,11 @@ def test_replica_without_a_gpu_stays_on_the_cpu(ray_local):
 def test_replica_with_a_gpu_uses_it_and_one_without_does_not(ray_local):
     assert _in_actor(ray_local, 0.5, ["auto"]) == ["cuda"]
     assert _in_actor(ray_local, 0, ["auto"]) == ["cpu"]       # the GPU is visible but not Ray's gift
+
+
+def test_gpu_share_per_actor():
+    from re2g.devices import gpu_share
+
+    assert gpu_share(0, 2) == 0.0 and gpu_share(4, 2, "cpu") == 0.0
+    assert gpu_share(4, 2) == 1.0 and gpu_share(1, 1) == 1.0
+    assert gpu_share(1, 4) == 0.25 and gpu_share(2, 3) == pytest.approx(2 / 3)
