@@ -216,11 +216,46 @@ class IndexConfig(_Strict):
     ef_search: int = Field(128, ge=1)
     metric: Literal["mips_l2", "ip"] = Field(
         "mips_l2", description="mips_l2: DPR's MIPS->L2 transform (one extra dimension); ip: inner-product HNSW")
-    quantization: Literal["none", "sq8"] = Field("none", description="sq8: 8-bit scalar quantization (large corpora)")
+    quantization: Literal["none", "sq8", "pq", "opq"] = Field(
+        "none", description="sq8: 8-bit scalar quantization (large corpora); pq: product quantization (faiss "
+        "IVF-PQ, or HNSW over PQ codes with pq_coarse hnsw); opq: the same after an OPQ rotation")
     exact: bool = Field(False, description="flat (exact) shards instead of HNSW; for tests and small corpora")
+    pq_m: int | None = Field(
+        None, ge=1, description="pq/opq: sub-quantizers (code bytes per vector at 8 bits); must divide the index "
+        "dimension (D, or D+1 under metric mips_l2); unset: its largest divisor <= dimension/8")
+    pq_nbits: int = Field(8, ge=4, le=12, description="pq/opq: bits per sub-quantizer code (8: faiss's fast path)")
+    pq_coarse: Literal["ivf", "hnsw"] = Field(
+        "ivf", description="pq/opq: ivf (inverted lists, nlist/nprobe) or hnsw (faiss IndexHNSWPQ: the HNSW graph "
+        "(hnsw_m, ef_*) over PQ codes; L2 only, so metric mips_l2)")
+    ivf_nlist: int | None = Field(
+        None, ge=1, description="pq/opq with ivf: inverted lists per shard; unset: 4*sqrt(shard size), at most "
+        "training rows/39 (faiss's k-means wants 39 points per centroid)")
+    ivf_nprobe: int = Field(16, ge=1, description="pq/opq with ivf: lists searched per query (recorded; "
+                            "the retriever's config value is used at load)")
+    pq_train_size: int = Field(
+        262144, ge=1, description="pq/opq: shard vectors sampled (seeded) to train the coarse quantizer, OPQ and "
+        "the PQ codebooks (all of them when the shard is smaller)")
     shard_actors: bool = Field(False, description="hold each shard in its own Ray actor (scatter-gather search)")
     embed_batch_size: int = Field(64, ge=1)
     embed_actors: int = Field(1, ge=1, description="encoder actors in the Ray Data embedding pool")
+
+    @model_validator(mode="after")
+    def _pq_fields(self) -> "IndexConfig":
+        if self.quantization not in ("pq", "opq"):
+            return self
+        if self.exact:
+            raise ValueError(f"exact: true means float32 flat shards, but quantization {self.quantization!r} "
+                             "is approximate: set exact false (pq_coarse picks ivf or hnsw)")
+        if self.pq_coarse == "hnsw" and self.metric == "ip":
+            raise ValueError("pq_coarse 'hnsw' (faiss IndexHNSWPQ) searches L2 only: use metric mips_l2 "
+                             "(inner products through the MIPS->L2 transform) or pq_coarse 'ivf'")
+        if self.pq_train_size < 2 ** self.pq_nbits:
+            raise ValueError(f"pq_train_size ({self.pq_train_size}) is below 2**pq_nbits = {2 ** self.pq_nbits}: "
+                             "each PQ codebook needs at least that many training vectors")
+        if self.pq_coarse == "ivf" and self.ivf_nlist is not None and self.ivf_nlist > self.pq_train_size:
+            raise ValueError(f"ivf_nlist ({self.ivf_nlist}) exceeds pq_train_size ({self.pq_train_size}): "
+                             "k-means needs at least one training vector per list (39 for good lists)")
+        return self
 
 
 class BM25Config(_Strict):

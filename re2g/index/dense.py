@@ -11,7 +11,7 @@ The artifact is a directory::
     config.yaml                   the IndexConfig that built it
     shard_00000.faiss             one faiss index per shard (shard-local ids 0..count-1)
     shard_00000.pids.parquet      the shard's pids, in shard-local id order
-    shard_00000.vectors.npy       sq8 shards only: the original vectors (N_s, D) float32, for
+    shard_00000.vectors.npy       sq8, pq and opq shards only: the original vectors (N_s, D) float32, for
                                   fetch-by-pid (a float32 shard gives them back from its own storage,
                                   ``reconstruct_batch``; indexes built before that have the file for
                                   every shard and still use it)
@@ -21,6 +21,13 @@ directory that loads. Each shard is built by its own Ray task over a contiguous 
 embeddings (``build_dense_index``); shards are searched together and their top-k merged
 (``DenseIndex.search_vectors``; ``re2g.index.shards.ActorShardedIndex`` does the same with one Ray
 actor per shard).
+
+Shard kinds (``index.exact``, ``index.quantization``, ``index.pq_coarse``): flat, HNSW-Flat, SQ8
+(flat or HNSW), and product quantization: IVF-PQ, OPQ + IVF-PQ, HNSW over PQ codes (faiss
+``index_factory`` strings ``[OPQ{m},]IVF{nlist},PQ{m}x{nbits}`` / ``HNSW{M}_PQ{m}x{nbits}``; nlist per
+shard from its size; the manifest's ``pq`` block and each shard's ``factory`` record them). PQ codes
+give vectors back only approximately, so stages 2 and 4 read PQ shards' original vectors from their
+``.vectors.npy`` (docs/scaling.md has the measured error).
 
 Metrics: ``mips_l2`` (DPR's MIPS->L2 transform: passages get one extra dimension
 sqrt(max_norm_sq - |v|^2), queries get 0; the global max norm is computed in a first pass over all
@@ -45,6 +52,7 @@ from re2g.data.passage_files import PassageInfo, PassageLookup, load_passage_loo
 from re2g.errors import ArtifactError
 from re2g.index.dense_build import (  # noqa: F401  (re-exported)
     EmbeddingsStats,
+    hnsw_graph,
     build_dense_index,
     build_shard,
     make_faiss_index,
@@ -103,9 +111,10 @@ class DenseShard:
 
     @classmethod
     def load(cls, index_dir: str | Path, entry: dict, manifest: dict, *, verify: bool = False,
-             ef_search: int | None = None) -> "DenseShard":
+             ef_search: int | None = None, nprobe: int | None = None) -> "DenseShard":
         """Load shard ``entry`` of the manifest; checks its files exist with the recorded sizes and
-        ends (:func:`~re2g.index.dense_format.checked_file`), and with ``verify`` their sha256 too."""
+        ends (:func:`~re2g.index.dense_format.checked_file`), and with ``verify`` their sha256 too.
+        ``ef_search`` / ``nprobe`` override the manifest's (HNSW / IVF shards)."""
         import faiss
         import pyarrow.parquet as pq
 
@@ -123,18 +132,34 @@ class DenseShard:
             pids = np.asarray(pq.read_table(ppath, columns=["pid"]).column("pid").to_pylist(), dtype=object)
         except Exception as e:
             raise ArtifactError(f"{ppath}: cannot read shard pids (corrupt?): {e}") from None
+        if entry.get("faiss_index") and not _is_faiss_type(index, entry["faiss_index"]):
+            raise ArtifactError(f"{fpath}: is a faiss {type(index).__name__}, the manifest says {entry['faiss_index']}")
         if index.ntotal != entry["count"] or len(pids) != entry["count"]:
             raise ArtifactError(f"{fpath}: holds {index.ntotal} vectors and {len(pids)} pids, manifest says "
                                 f"{entry['count']}")
         shard = cls(index, pids, entry, manifest, vpath)
         hnsw = manifest.get("hnsw") or {}
         shard.set_ef_search(ef_search if ef_search is not None else hnsw.get("ef_search"))
+        shard.set_nprobe(nprobe if nprobe is not None else (manifest.get("pq") or {}).get("nprobe"))
         return shard
 
     def set_ef_search(self, ef: int | None) -> None:
-        """Set HNSW efSearch (no-op for flat shards or ``None``)."""
-        if ef is not None and hasattr(self.index, "hnsw"):
-            self.index.hnsw.efSearch = int(ef)
+        """Set HNSW efSearch (no-op for flat and IVF shards or ``None``; through an OPQ rotation)."""
+        hnsw = hnsw_graph(self.index)
+        if ef is not None and hnsw is not None:
+            hnsw.efSearch = int(ef)
+
+    def set_nprobe(self, nprobe: int | None) -> None:
+        """Set IVF nprobe, the inverted lists searched per query (no-op for other shards or ``None``)."""
+        import faiss
+
+        if nprobe is None:
+            return
+        try:
+            ivf = faiss.extract_index_ivf(self.index)
+        except RuntimeError:  # not an IVF index
+            return
+        ivf.nprobe = int(nprobe)
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -190,6 +215,10 @@ class DenseShard:
 # =========================================================================== search over all shards
 
 
+def _is_faiss_type(index, name: str) -> bool:
+    return type(index).__name__ == name
+
+
 def _check_queries(Q: np.ndarray, dim: int) -> np.ndarray:
     Q = np.asarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != dim:
@@ -230,7 +259,7 @@ class DenseIndex:
 
     @classmethod
     def load(cls, index_dir: str | Path, *, expected_fingerprint: str | None = None, verify: bool = False,
-             ef_search: int | None = None, expected_settings: Any = None,
+             ef_search: int | None = None, nprobe: int | None = None, expected_settings: Any = None,
              passages: Mapping[str, PassageInfo] | str | Path | None = None) -> "DenseIndex":
         """Load an index directory.
 
@@ -238,14 +267,14 @@ class DenseIndex:
         time (no file is hashed whole: a load stays fast at 60 GB), the vector counts, and refuses an
         index whose encoder fingerprint is not ``expected_fingerprint`` (when given). ``verify``:
         also every file's sha256 (what ``re2g index verify`` does; an index built before re2g
-        recorded sizes is always checked that way). efSearch comes
-        from the manifest unless ``ef_search`` overrides it. ``passages``: a lookup
+        recorded sizes is always checked that way). efSearch (HNSW) and nprobe (IVF-PQ) come
+        from the manifest unless ``ef_search`` / ``nprobe`` override them. ``passages``: a lookup
         ``pid -> (title, text, wikipedia_id)`` or a passages Parquet path, to fill hits' text.
         """
         d = Path(index_dir)
         m = read_manifest(d)
         check_fingerprint(d, m, expected_fingerprint, expected_settings)
-        shards = [DenseShard.load(d, e, m, verify=verify, ef_search=ef_search) for e in m["shards"]]
+        shards = [DenseShard.load(d, e, m, verify=verify, ef_search=ef_search, nprobe=nprobe) for e in m["shards"]]
         total = sum(len(s) for s in shards)
         if total != m["total_count"]:
             raise ArtifactError(f"{d}: shards hold {total} vectors, manifest says {m['total_count']}")
@@ -277,6 +306,11 @@ class DenseIndex:
         """Override HNSW efSearch on every shard."""
         for s in self.shards:
             s.set_ef_search(ef)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Override IVF nprobe on every shard (IVF-PQ / OPQ shards; others ignore it)."""
+        for s in self.shards:
+            s.set_nprobe(nprobe)
 
     def search_vectors(self, Q: np.ndarray, k: int) -> list[list[Hit]]:
         """Global top-``k`` for query vectors ``Q`` (B, D): B lists of ``Hit`` (scores = inner

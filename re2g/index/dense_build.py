@@ -15,8 +15,8 @@ import numpy as np
 from re2g.artifacts import Manifest, sha256_file, staged_dir, write_manifest
 from re2g.config import IndexConfig, save_config
 from re2g.errors import DataFormatError
-from re2g.index.dense_format import (KIND, DenseIndexInfo, file_records, manifest_view, mips_to_l2_passages,
-                                    shard_bounds, shard_file_names)
+from re2g.index.dense_format import (KIND, PQ_KINDS, DenseIndexInfo, file_records, manifest_view,
+                                    mips_to_l2_passages, plan_pq_shards, shard_bounds, shard_file_names)
 
 
 # =========================================================================== embeddings input
@@ -190,15 +190,30 @@ def read_embedding_rows(files: Sequence[str], file_rows: Sequence[int], start: i
 # =========================================================================== building
 
 
-def make_faiss_index(dim: int, cfg: IndexConfig):
+def make_faiss_index(dim: int, cfg: IndexConfig, factory: str | None = None):
     """An empty faiss index for vectors of width ``dim`` (already transformed for mips_l2).
 
     exact: ``IndexFlatL2``/``IndexFlatIP`` (``IndexScalarQuantizer`` with sq8); else
     ``IndexHNSWFlat`` (``IndexHNSWSQ`` 8-bit with sq8) with M and efConstruction from ``cfg``.
+    pq/opq: ``faiss.index_factory(dim, factory)`` with the shard's factory string from
+    :func:`~re2g.index.dense_format.plan_pq_shards` (``IVF{nlist},PQ{m}x{nbits}``, with an ``OPQ{m},``
+    rotation first for opq, or ``HNSW{M}_PQ{m}x{nbits}``).
     """
     import faiss
 
     metric = faiss.METRIC_INNER_PRODUCT if cfg.metric == "ip" else faiss.METRIC_L2
+    if cfg.quantization in PQ_KINDS:
+        if factory is None:
+            raise ValueError(f"quantization {cfg.quantization!r} needs the shard's factory string (plan_pq_shards)")
+        index = faiss.index_factory(dim, factory, metric)
+        hnsw = hnsw_graph(index)
+        if hnsw is not None:
+            hnsw.efConstruction = cfg.ef_construction
+            hnsw.efSearch = cfg.ef_search
+            base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+            # HNSW{M}_PQ's IndexPQ storage: no polysemous training (as "np" for IVF; see pq_factory)
+            faiss.downcast_index(base.storage).do_polysemous_training = False
+        return index
     if cfg.exact:
         if cfg.quantization == "sq8":
             return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric)
@@ -212,9 +227,27 @@ def make_faiss_index(dim: int, cfg: IndexConfig):
     return index
 
 
+def hnsw_graph(index):
+    """The ``faiss.HNSW`` graph of an HNSW index (through an OPQ ``IndexPreTransform``), else None."""
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return getattr(index, "hnsw", None)
+
+
+def training_rows(n: int, train_rows: int, seed: int) -> np.ndarray:
+    """Sorted row numbers of a seeded uniform sample of ``train_rows`` out of ``n`` (all when
+    ``train_rows >= n``): the vectors a PQ shard trains on. (train_rows,) int64."""
+    if train_rows >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=train_rows, replace=False)).astype(np.int64)
+
+
 def build_shard(files: Sequence[str], file_rows: Sequence[int], start: int, end: int, dim: int,
                 shard_id: int, out_dir: str, cfg_dict: dict, max_norm_sq: float,
-                store_vectors: bool = True, threads: int = 1) -> tuple[dict, dict[str, str]]:
+                store_vectors: bool = True, threads: int = 1,
+                plan: dict | None = None) -> tuple[dict, dict[str, str]]:
     """Build one shard over embedding rows ``[start, end)`` and write its files into ``out_dir``.
 
     Runs in a Ray task (``build_dense_index``) or in-process; reads its own slice of the Parquet.
@@ -222,7 +255,10 @@ def build_shard(files: Sequence[str], file_rows: Sequence[int], start: int, end:
     Returns the shard's manifest entry and the sha256 of each of its files (by file name).
     ``store_vectors``: fetch-by-pid possible; only a quantized (sq8) shard writes its original vectors
     beside the index (``.vectors.npy``): a float32 one returns them from its own storage (measured in
-    docs/scaling.md), so they are stored once.
+    docs/scaling.md), so they are stored once. ``plan``: a pq/opq shard's entry of
+    :func:`~re2g.index.dense_format.plan_pq_shards` (factory string, training rows); the shard trains on
+    a seeded sample of its rows (seed = ``shard_id``) and always writes its vectors when
+    ``store_vectors`` (PQ codes reconstruct them only approximately).
     """
     import faiss
     import pyarrow as pa
@@ -235,9 +271,12 @@ def build_shard(files: Sequence[str], file_rows: Sequence[int], start: int, end:
         raise DataFormatError(str(files[0]), f"shard {shard_id}: expected {end - start} rows in [{start}, {end}), "
                               f"read {len(pids)} (did the embeddings change during the build?)")
     Xi = mips_to_l2_passages(X, max_norm_sq) if cfg.metric == "mips_l2" else X  # (n, D+1) | (n, D)
-    index = make_faiss_index(Xi.shape[1], cfg)
+    is_pq = cfg.quantization in PQ_KINDS
+    if is_pq and plan is None:
+        raise ValueError(f"shard {shard_id}: quantization {cfg.quantization!r} needs its plan (plan_pq_shards)")
+    index = make_faiss_index(Xi.shape[1], cfg, plan["factory"] if is_pq else None)
     if not index.is_trained:
-        index.train(Xi)
+        index.train(Xi[training_rows(len(Xi), plan["train_rows"], shard_id)] if is_pq else Xi)
     index.add(Xi)
     names = shard_file_names(shard_id)
     out = Path(out_dir)
@@ -245,6 +284,9 @@ def build_shard(files: Sequence[str], file_rows: Sequence[int], start: int, end:
     pq.write_table(pa.table({"pid": pa.array(pids, pa.string())}), out / names["pid_file"])
     entry = {"shard": shard_id, "start": start, "end": end, "count": len(pids),
              "file": names["file"], "pid_file": names["pid_file"]}
+    if is_pq:  # what this shard was built with (nlist depends on its size)
+        entry.update(faiss_index=type(index).__name__, factory=plan["factory"], train_rows=plan["train_rows"],
+                     nlist=plan["nlist"])
     if store_vectors and cfg.quantization != "none":  # float32 storage gives them back (reconstruct_batch)
         np.save(out / names["vectors_file"], X)
         entry["vectors_file"] = names["vectors_file"]
@@ -280,8 +322,11 @@ def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: Ind
         bounds = shard_bounds(stats.count, cfg.num_shards)
         cfg_dict = cfg.model_dump(mode="json")
         max_norm_sq = stats.max_norm_sq if cfg.metric == "mips_l2" else 0.0
+        index_dim = stats.dim + 1 if cfg.metric == "mips_l2" else stats.dim
+        is_pq = cfg.quantization in PQ_KINDS  # checked here, before any shard task starts
+        plans = plan_pq_shards(index_dim, stats.dim, [e - s for s, e in bounds], cfg) if is_pq else [None] * len(bounds)
         args = [(stats.files, stats.file_rows, s, e, stats.dim, i, stage.path, cfg_dict, max_norm_sq,
-                 store_vectors, threads) for i, (s, e) in enumerate(bounds)]
+                 store_vectors, threads, plan) for i, ((s, e), plan) in enumerate(zip(bounds, plans))]
         if use_ray:
             import ray
 
@@ -308,9 +353,14 @@ def build_dense_index(embeddings_path: str | Path, out_dir: str | Path, cfg: Ind
                        if cfg.metric == "mips_l2" else {"type": "none"}),
             quantization=cfg.quantization,
             exact=cfg.exact,
-            faiss_index=type(make_faiss_index(2, cfg)).__name__,
-            hnsw=None if cfg.exact else {"m": cfg.hnsw_m, "ef_construction": cfg.ef_construction,
-                                         "ef_search": cfg.ef_search},
+            faiss_index=built[0][0]["faiss_index"] if is_pq else type(make_faiss_index(2, cfg)).__name__,
+            hnsw=None if cfg.exact or (is_pq and cfg.pq_coarse == "ivf") else {
+                "m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search},
+            **({"pq": {"m": plans[0]["pq_m"], "nbits": cfg.pq_nbits, "coarse": cfg.pq_coarse,
+                       "opq": cfg.quantization == "opq",
+                       "nprobe": cfg.ivf_nprobe if cfg.pq_coarse == "ivf" else None,
+                       "train_size": cfg.pq_train_size,
+                       "code_bytes": (plans[0]["pq_m"] * cfg.pq_nbits + 7) // 8}} if is_pq else {}),
             shards=[entry for entry, _ in built],
             encoder_settings=encoder_settings,
             embeddings={"path": str(Path(embeddings_path).absolute()), "files": len(stats.files)},

@@ -102,6 +102,76 @@ def shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
     return [(i * n // s, (i + 1) * n // s) for i in range(s)]
 
 
+PQ_KINDS = ("pq", "opq")
+KMEANS_POINTS_PER_CENTROID = 39  # faiss's k-means warns below this many training points per centroid
+
+
+def default_pq_m(index_dim: int) -> int:
+    """The largest divisor of ``index_dim`` that is at most ``index_dim / 8`` (1 when there is none:
+    e.g. 769 = 768 + the mips_l2 column is prime). 768 -> 96, 384 -> 48, 385 -> 35."""
+    best = 1
+    for m in range(1, index_dim // 8 + 1):
+        if index_dim % m == 0:
+            best = m
+    return best
+
+
+def default_ivf_nlist(shard_size: int, train_rows: int) -> int:
+    """Inverted lists for a shard: ``round(4 * sqrt(shard_size))`` (the low end of faiss's
+    4..16 sqrt(N) guideline), at most ``train_rows / 39`` (k-means points per centroid), at least 1."""
+    nlist = int(round(4.0 * np.sqrt(max(shard_size, 1))))
+    return max(1, min(nlist, train_rows // KMEANS_POINTS_PER_CENTROID))
+
+
+def pq_factory(index_dim: int, *, m: int, nbits: int, coarse: str, opq: bool, nlist: int | None = None,
+               hnsw_m: int | None = None) -> str:
+    """faiss ``index_factory`` string of a PQ shard: ``[OPQ{m},]IVF{nlist},PQ{m}x{nbits}np`` or
+    ``[OPQ{m},]HNSW{hnsw_m}_PQ{m}x{nbits}``. ``np``: no polysemous training (a reordering of the codes
+    for Hamming pre-filtering, which re2g does not use; it made training 50x slower here)."""
+    head = f"OPQ{m}," if opq else ""
+    if coarse == "ivf":
+        return f"{head}IVF{nlist},PQ{m}x{nbits}np"
+    return f"{head}HNSW{hnsw_m}_PQ{m}x{nbits}"
+
+
+def plan_pq_shards(index_dim: int, dim: int, shard_sizes: Sequence[int], cfg: Any) -> list[dict]:
+    """Per-shard build parameters of a ``pq``/``opq`` index (an ``IndexConfig`` as ``cfg``), checked
+    before any shard is built: ``pq_m`` divides ``index_dim`` (D, or D+1 = ``dim`` + 1 under
+    ``mips_l2``); each shard has at least ``2**pq_nbits`` training rows; an explicit ``ivf_nlist`` is
+    at most a shard's training rows. Returns, per shard, ``{"factory", "pq_m", "train_rows",
+    "nlist"}``; a bad parameter is a :class:`~re2g.errors.ConfigError` naming the ``index.*`` field."""
+    from re2g.errors import ConfigError
+
+    where = f"index dimension {index_dim}" + (f" (D = {dim} + 1 for metric mips_l2)" if index_dim != dim else "")
+    m = cfg.pq_m if cfg.pq_m is not None else default_pq_m(index_dim)
+    if index_dim % m:
+        divisors = [d for d in range(2, index_dim) if index_dim % d == 0]
+        raise ConfigError(f"index.pq_m = {m} does not divide the {where}: product quantization splits a vector "
+                          f"into pq_m equal parts; divisors: {divisors[:12] or 'none (a prime): use metric ip'}")
+    if m < 2:
+        raise ConfigError(f"index.pq_m: the {where} has no divisor between 2 and dimension/8; set index.pq_m to "
+                          "a divisor, or use metric ip (no extra column)" if index_dim != dim else
+                          f"index.pq_m: the {where} has no divisor between 2 and dimension/8; set index.pq_m")
+    plans = []
+    for i, n in enumerate(shard_sizes):
+        train = min(int(cfg.pq_train_size), int(n))
+        if train < 2 ** cfg.pq_nbits:
+            raise ConfigError(f"index.quantization {cfg.quantization!r}: shard {i} has {n} vectors, fewer than "
+                              f"2**pq_nbits = {2 ** cfg.pq_nbits} to train its PQ codebooks: use fewer shards "
+                              "(index.num_shards), smaller pq_nbits, or quantization none/sq8")
+        nlist = None
+        if cfg.pq_coarse == "ivf":
+            nlist = cfg.ivf_nlist if cfg.ivf_nlist is not None else default_ivf_nlist(n, train)
+            if nlist > train:
+                raise ConfigError(f"index.ivf_nlist = {nlist} exceeds the {train} training vectors of shard {i} "
+                                  f"({n} vectors, pq_train_size {cfg.pq_train_size}): k-means needs at least "
+                                  "one per list; lower ivf_nlist or leave it unset")
+        plans.append({"factory": pq_factory(index_dim, m=m, nbits=cfg.pq_nbits, coarse=cfg.pq_coarse,
+                                            opq=cfg.quantization == "opq", nlist=nlist, hnsw_m=cfg.hnsw_m),
+                      "pq_m": m, "train_rows": train, "nlist": nlist})
+    return plans
+
+
 def shard_file_names(shard_id: int) -> dict[str, str]:
     """File names of one shard inside the index directory."""
     stem = f"shard_{shard_id:05d}"

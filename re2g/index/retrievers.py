@@ -98,6 +98,7 @@ def open_retrievers(cfg: Re2GConfig, *, passages: str, dense_dir: str | None, bm
         if index is None:
             fp = query_encoder.fingerprint() if hasattr(query_encoder, "fingerprint") else None
             index = DenseIndex.load(dense_dir, expected_fingerprint=fp, verify=verify, ef_search=cfg.index.ef_search,
+                                    nprobe=cfg.index.ivf_nprobe,
                                     expected_settings=getattr(query_encoder, "settings", None))
         dense = DenseRetriever(index, query_encoder, passages=passages)
         out["dpr"] = dense
