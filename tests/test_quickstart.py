@@ -153,6 +153,25 @@ def test_reranker_beats_the_trained_hybrids_order(quickstart):
     assert after["rprec_page"] >= order["rprec_page"] - 0.05
 
 
+def test_saved_reranker_gives_the_workers_scores(quickstart):
+    """The reranker directory the run saved (copied from the last DeepSpeed checkpoint) scores a dev list
+    as the training worker's in-memory model did: the worker's final metrics carry a probe (four
+    scores, computed before saving) that eval.json keeps."""
+    from re2g.config import load_config
+    from re2g.models.reranker import CrossEncoder
+    from re2g.train.api import _dev, prepare_inputs
+    from re2g.train.stages import RerankerStage
+
+    run, _, _, _ = quickstart
+    cfg = load_config(run / "config.yaml")
+    inputs = prepare_inputs(cfg, build=False)
+    ev = json.loads((run / "models" / "reranker" / "eval.json").read_text())
+    dev = _dev(cfg, inputs, cfg.train.reranker, str(run / "train" / "candidates-dev.jsonl"))
+    stage = RerankerStage(None, None, inputs.passages, dev, 1.0)
+    saved = stage.probe(CrossEncoder.from_pretrained(run / "models" / "reranker"))
+    assert len(saved) == 4 and saved == pytest.approx(ev["run"]["metrics"]["probe"], rel=1e-4, abs=1e-4)
+
+
 def test_stage_4_distillation_brings_dpr_to_the_reranker(quickstart):
     """Stage 4 with ``distill``: the KL between the reranker's and DPR's distributions over the
     candidates falls, and EM does not drop (by more than one dev question in 50)."""
