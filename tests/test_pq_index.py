@@ -141,3 +141,28 @@ def test_pq_defaults_are_divisors_and_sized_from_the_shard():
     assert plans[0] == {"factory": "OPQ96,IVF6481,PQ96x8np", "pq_m": 96, "train_rows": 262_144, "nlist": 6481}
     with pytest.raises(ConfigError, match="no divisor between 2 and dimension/8"):
         plan_pq_shards(769, 768, [10_000], IndexConfig(quantization="pq"))
+
+
+def test_compression_benchmark_memory_part_matches_faiss_layout(tmp_path):
+    """benchmarks/compression.py's memory part on a few thousand random 768-d vectors: each kind's file
+    bytes per vector are faiss's layout (fp32 4·D, SQ8 D, IVF-PQ m code bytes + 8 B id + centroids
+    and codebooks spread over N)."""
+    import json
+
+    from benchmarks import compression
+
+    path = compression.main(["--skip-recall", "--memory-n", "3000", "--memory-hnsw-n", "300", "--out",
+                             str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    data = json.loads(path.read_text())
+    rows = {r["kind"]: r for r in data["results"]["memory"]["kinds"]}
+    n, d = 3000, 768
+    assert abs(rows["flat fp32"]["disk_bytes_per_vector"] - 4 * d) < 1
+    assert abs(rows["flat sq8"]["disk_bytes_per_vector"] - (d + 2 * d * 4 / n)) < 0.5  # + trained ranges
+    for m in (64, 96):
+        r = rows[f"ivf-pq m={m}"]
+        fixed = (r["nlist"] * d + 256 * d) * 4 / n  # centroids + codebooks, per vector
+        assert r["factory"] == f"IVF{r['nlist']},PQ{m}x8np"
+        assert abs(r["disk_bytes_per_vector"] - (m + 8 + fixed)) < 2, r
+    assert rows["hnsw-pq M=32 m=96"]["factory"] == "HNSW32_PQ96x8" and rows["hnsw-pq M=32 m=96"]["index_dim"] == d
+    assert all(r["resident_bytes_per_vector"] > 0 for r in rows.values())
+    assert data["ratios"]["memory flat sq8: resident / flat fp32"] < 0.5
