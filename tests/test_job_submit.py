@@ -263,13 +263,15 @@ def test_embed_corpus_job_writes_a_file_uri_run_dir(embedded, tiny_inputs, local
         assert size < 20 * 1024 ** 2, f"{pkg}: {size} bytes uploaded"
 
 
-def test_build_index_job_runs_on_the_index_node(embedded, local_head):
+def test_build_index_job_runs_on_the_index_node_into_a_file_uri(embedded, local_head):
     """build_index with its driver placed by `--entrypoint-resources` (as on a cluster: BM25 builds in
-    the driver process, so it must run on the large-memory node)."""
-    run, _, proc = embedded
+    the driver process, so it must run on the large-memory node), its run directory and ``--out`` given
+    as file:// URIs (one job for both: each submission costs a job driver's start-up)."""
+    run, uri, proc = embedded
     _check(proc)
-    r = local_head.submit("python", "-m", "jobs.build_index", "--preset", "tiny", "--set", f"run_dir={run}",
-                          "--set", "index.hnsw_m=16", "--set", "index.num_shards=2",
+    r = local_head.submit("python", "-m", "jobs.build_index", "--preset", "tiny", "--set", f"run_dir={uri}",
+                          "--set", "index.hnsw_m=16", "--set", "index.num_shards=2", "--out", f"{uri}/index",
+                          "--overwrite",
                           options=("--entrypoint-resources", json.dumps({"index_node": 1}),
                                    "--submission-id", f"re2g-index-{secrets.token_hex(3)}"))
     out = _job_output(_check(r))
@@ -279,16 +281,6 @@ def test_build_index_job_runs_on_the_index_node(embedded, local_head):
     assert dense["total_count"] == out["outputs"]["dense"]["total_count"] and len(dense["shards"]) == 2
     assert (run / "index" / "bm25").is_dir() and out["outputs"]["bm25"]["count"] == dense["total_count"]
     assert (run / "jobs" / "build_index.json").exists()
-
-
-def test_build_index_job_with_file_uri_run_dir(embedded, local_head):
-    run, uri, proc = embedded
-    _check(proc)
-    r = local_head.submit("python", "-m", "jobs.build_index", "--preset", "tiny", "--set", f"run_dir={uri}",
-                          "--set", "index.hnsw_m=16", "--set", "index.num_shards=2", "--out", f"{uri}/index-uri",
-                          "--overwrite")
-    _check(r)
-    assert (run / "index-uri" / "dense" / "manifest.json").exists()
 
 
 # --------------------------------------------------------------------------- mining and candidates
