@@ -4,8 +4,9 @@ Answers come from :func:`re2g.models.decoding.decode` (what the pipeline and Ser
 the passages of training's own path (:mod:`re2g.train.rag_steps`: DPR; for stage 4 DPR + BM25 fused
 by ``fuse`` and the reranker's ``rerank_top``), scored with KILT's official metrics
 (``re2g.eval.kilt``): EM, F1, accuracy and page-level R-Precision / Recall@5 of the provenance;
-stage 4 also the dev KL between the reranker's and DPR's distributions over the candidates and the
-DPR top-k's own page R-Precision. Every metric is a mean over queries computed per query, so it does
+stage 4 also the dev KL between the reranker's and DPR's distributions over the candidates, the
+DPR top-k's own page R-Precision and the spread (max - min) of DPR's and the reranker's scores over
+each query's candidates (:func:`score_spread`). Every metric is a mean over queries computed per query, so it does
 not depend on the batch size or the order of the dev set.
 """
 
@@ -41,6 +42,18 @@ def page_rprec(gold: Sequence, pid_lists: Sequence[Sequence[str]], lookup: Mappi
 
     vals = [r_precision([page_of(p, lookup) for p in pids], gold_page_lists(g)) for g, pids in zip(gold, pid_lists)]
     return float(np.mean(vals)) if vals else 0.0
+
+
+def score_spread(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per query, max - min of the scores ``z`` (B, C) over its real candidates ``mask`` (B, C) -> (B,);
+    0 for a row with fewer than one real entry. Stage 4 reports it for DPR and the reranker: when
+    DPR's spread is far wider than the reranker's, ``distill`` (at T = 10 especially) mostly teaches
+    DPR to be flat rather than to keep the reranker's order (docs/e2e_options.md)."""
+    m = mask.bool()
+    z = z.float()
+    hi = z.masked_fill(~m, float("-inf")).amax(dim=-1)
+    lo = z.masked_fill(~m, float("inf")).amin(dim=-1)
+    return torch.where(m.any(dim=-1), hi - lo, torch.zeros_like(hi))
 
 
 def _predictions(gold: Sequence, answers) -> list[dict]:
@@ -88,13 +101,15 @@ def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence], ind
     from re2g.models.encoders import eval_mode
     from re2g.models.losses import listwise_kl
 
-    answers, kls, kls1, dpr_lists = [], [], [], []
+    answers, kls, kls1, dpr_lists, spreads, spreads_r = [], [], [], [], [], []
     with eval_mode(model):
         for s in _chunks(len(gold), batch_size):
             queries = [g.input for g in gold[s]]
             r = retrieve_rerank(model, queries, [bm25_hits(e, lookup) for e in bm25[s]], index, lookup, retrieval,
                                 option=option, rerank_batch_size=64)
             dpr_lists += [[h.pid for h in hs] for hs in r.dpr]
+            spreads += score_spread(r.z_dpr, r.mask).tolist()
+            spreads_r += score_spread(r.z_r, r.mask).tolist()
             for b in range(len(queries)):  # per query: sums that do not depend on the batch
                 row = slice(b, b + 1)
                 kls.append(float(distill_kl(r.z_r[row], r.z_dpr[row], r.mask[row], temperature)))
@@ -106,10 +121,12 @@ def evaluate_e2e(model: Re2GModel, gold: Sequence, bm25: Sequence[Sequence], ind
     out["dev_kl"] = round(sum(kls) / n, 6)
     out["dev_kl_t1"] = round(sum(kls1) / n, 6)
     out["dev_dpr_rprec"] = round(page_rprec(gold, dpr_lists, lookup), 6)
+    out["dev_dpr_spread"] = round(sum(spreads) / n, 6)
+    out["dev_rerank_spread"] = round(sum(spreads_r) / n, 6)
     return out
 
 
-METRICS = ("em", "f1", "accuracy", "rprec", "recall@5", "kl", "kl_t1", "dpr_rprec")
+METRICS = ("em", "f1", "accuracy", "rprec", "recall@5", "kl", "kl_t1", "dpr_rprec", "dpr_spread", "rerank_spread")
 
 
 def results_table(result, title: str | None = None):
