@@ -617,7 +617,7 @@ class Re2GConfig(_Strict):
     preset: Literal["tiny", "small", "paper", "custom"] = "tiny"
     run_dir: str = Field("runs/quickstart", validate_default=True,
                          description="where the run's artifacts go (path or URI; a local path is made absolute)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: in a Ray actor (Serve replica, predict actor) CUDA only when Ray gave it a GPU; in a driver CUDA when one is visible (re2g.devices.ray_device)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: in a Ray actor (Serve replica, predict actor) CUDA only when Ray gave it a GPU; in a driver CUDA when one is visible (re2g.runtime.pick_device)")
     data: DataConfig = Field(default_factory=DataConfig)
     passages: PassageConfig = Field(default_factory=PassageConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)

@@ -88,11 +88,11 @@ class Re2GPipeline:
         directories). ``cfg`` default: ``RUN_DIR/config.yaml``, else the ``tiny`` preset. ``device``
         default: ``cfg.device`` (auto: CUDA when available; in a Ray actor, when the actor has a GPU)."""
         from re2g.run import load_generator, load_reranker, load_retriever, resolve_run, run_config
-        from re2g.devices import ray_device
+        from re2g.runtime import pick_device
 
         cfg = cfg or run_config(run_dir)
         pieces = resolve_run(run_dir, cfg, biencoder=biencoder, reranker=reranker, generator=generator)
-        dev = ray_device(device or cfg.device)  # in a Ray actor (re2g predict): cuda only with a GPU of its own
+        dev = pick_device(device or cfg.device)  # in a Ray actor (re2g predict): cuda only with a GPU of its own
         return cls(load_retriever(pieces, cfg, dev), load_reranker(pieces, cfg, dev), load_generator(pieces, cfg, dev),
                    cfg)
 

@@ -51,10 +51,20 @@ def has_cuda() -> bool:
 
 
 def pick_device(name: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if name == "auto":
-        return "cuda" if has_cuda() else "cpu"
-    return name
+    """``name`` when it names a device (``cpu``, ``cuda``); ``auto`` -> ``cuda`` when a GPU is visible,
+    except inside a Ray actor that Ray gave no GPU (a Serve replica, a Ray Data actor of ``re2g embed`` or
+    ``re2g predict``): Ray 2.60 leaves a node's GPUs visible to an actor that reserved none, so choosing by
+    visibility alone put such an actor's model on a GPU Ray never gave it. Else ``cpu``."""
+    if name != "auto":
+        return name
+    if not has_cuda():
+        return "cpu"
+    ray = sys.modules.get("ray")  # not imported: not a Ray worker
+    if ray is not None and ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        if ctx.get_actor_id() is not None and not ctx.get_accelerator_ids().get("GPU"):
+            return "cpu"
+    return "cuda"
 
 
 RAY_LOG = "ray.log"

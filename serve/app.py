@@ -92,9 +92,9 @@ class _Stage:
         self._period = s.health_probe_period_s
         self._probe_timeout = max(1.0, 0.8 * s.health_check_timeout_s)
         self.metrics = ComponentMetrics(self.kind)
-        from re2g.devices import ray_device
+        from re2g.runtime import pick_device
 
-        self.device = ray_device(self.cfg.device)   # cuda only where Ray gave this replica a GPU
+        self.device = pick_device(self.cfg.device)   # cuda only where Ray gave this replica a GPU
         _set_threads(self.dcfg.num_cpus)
         self.reconfigure(batch_user_config(self.dcfg, s.batching))
         return resolve_run(run_dir, self.cfg)

@@ -1,4 +1,4 @@
-"""Which device a Ray actor's models go to (re2g.devices.ray_device: Serve replicas, ``re2g predict``'s
+"""Which device a Ray actor's models go to (re2g.runtime.pick_device: Serve replicas, ``re2g predict``'s
 actors): ``cuda`` only where Ray gave the actor a GPU. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an
 actor with no GPU, so on a GPU node a CPU replica saw the GPU and put its model there. The CPU half runs
 everywhere; the GPU half is marked ``gpu``."""
@@ -9,13 +9,13 @@ import pytest
 
 
 def _in_actor(ray, num_gpus: float, devices: list[str]) -> list[str]:
-    """``ray_device`` of each name, inside one actor that reserved ``num_gpus``."""
+    """``pick_device`` of each name, inside one actor that reserved ``num_gpus``."""
     @ray.remote(num_cpus=0.01, num_gpus=num_gpus)
     class Probe:
         def devices(self, names: list[str]) -> list[str]:
-            from re2g.devices import ray_device
+            from re2g.runtime import pick_device
 
-            return [ray_device(n) for n in names]
+            return [pick_device(n) for n in names]
 
     actor = Probe.remote()
     try:
@@ -25,12 +25,11 @@ def _in_actor(ray, num_gpus: float, devices: list[str]) -> list[str]:
 
 
 def test_replica_without_a_gpu_stays_on_the_cpu(ray_local):
-    from re2g.devices import ray_device
-    from re2g.runtime import pick_device
+    from re2g.runtime import has_cuda, pick_device
 
     assert _in_actor(ray_local, 0, ["auto", "cuda", "cpu"]) == ["cpu", "cuda", "cpu"]   # named: honoured
-    assert ray_device("cpu") == "cpu"
-    assert ray_device("auto") == pick_device("auto")          # in the driver (deployment classes built in tests)
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") == ("cuda" if has_cuda() else "cpu")  # in the driver (deployment classes built in tests)
 
 
 @pytest.mark.gpu
