@@ -79,16 +79,13 @@ def em_of(answers: Sequence[str], golds: Sequence[Sequence[str]]) -> float:
 
 def contains_of(answers: Sequence[str], golds: Sequence[Sequence[str]]) -> float:
     """Mean over questions of whether a gold answer's normalized words appear, in order and whole, in
-    the normalized answer (not EM: "She was a physician." contains "physician")."""
-    from re2g.eval.kilt import normalize_answer
-
-    def has(a: str, g: str) -> bool:
-        g = normalize_answer(g)
-        return bool(g) and f" {g} " in f" {normalize_answer(a)} "
+    the normalized answer (not EM: "She was a physician." contains "physician";
+    :func:`re2g.eval.retrieval.contains_answer`)."""
+    from re2g.eval.retrieval import contains_answer
 
     if not answers:
         return 0.0
-    return sum(any(has(a, g) for g in gs) for a, gs in zip(answers, golds)) / len(answers)
+    return sum(contains_answer(a, gs) for a, gs in zip(answers, golds)) / len(answers)
 
 
 def gold_rank(passages: Sequence[Any], gold_pages: set[str]) -> int | None:
@@ -100,11 +97,10 @@ def gold_rank(passages: Sequence[Any], gold_pages: set[str]) -> int | None:
 
 
 def answer_in_text(passages: Sequence[Any], golds: Sequence[str]) -> bool:
-    """Whether some gold answer appears (normalized, as KILT's EM normalizes) in some passage's text."""
-    from re2g.eval.kilt import normalize_answer
+    """Whether some gold answer appears (normalized, as KILT's EM normalizes) in some passage's title + text."""
+    from re2g.eval.retrieval import contains_answer
 
-    texts = [normalize_answer(f"{p.title or ''} {p.text or ''}") for p in passages]
-    return any(normalize_answer(g) and f" {normalize_answer(g)} " in f" {t} " for g in golds for t in texts)
+    return any(contains_answer(f"{p.title or ''} {p.text or ''}", golds) for p in passages)
 
 
 def sample_size(run_dir: Path, cfg) -> str:
